@@ -1,0 +1,188 @@
+"""The routing transform: selection, gather/scatter, and its semantics inside a model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tread_jax import routing
+from tread_jax.models import create_model
+from tread_jax.routing import Route
+
+DEPTH = 6
+
+
+def affine_block(i, x):
+    """A block whose effect on every token is distinct, elementwise and easy to replay."""
+    return x * (1.0 + 0.1 * (i + 1)) + (i + 1)
+
+
+@pytest.mark.parametrize("num_tokens,ratio", [(16, 0.5), (17, 0.5), (16, 0.25), (10, 0.75), (7, 0.9)])
+def test_kept_count_and_distinct_per_sample(num_tokens, ratio):
+    idx = routing.select_tokens(jax.random.key(0), 32, num_tokens, ratio)
+    assert idx.shape == (32, num_tokens - math.floor(num_tokens * ratio))
+    idx = np.asarray(idx)
+    for row in idx:  # a subset: no token twice
+        assert len(set(row.tolist())) == len(row)
+    assert len({tuple(sorted(r)) for r in idx.tolist()}) > 1  # each sample draws its own subset
+
+
+def test_keep_order_sorts_the_same_subset():
+    key = jax.random.key(3)
+    unordered = np.asarray(routing.select_tokens(key, 4, 64, 0.5))
+    ordered = np.asarray(routing.select_tokens(key, 4, 64, 0.5, keep_order=True))
+    np.testing.assert_array_equal(np.sort(unordered, axis=1), ordered)
+
+
+def test_selection_is_uniform():
+    # Every token is kept with probability K / N.
+    idx = np.asarray(routing.select_tokens(jax.random.key(1), 4000, 16, 0.5))
+    freq = np.bincount(idx.ravel(), minlength=16) / 4000
+    np.testing.assert_allclose(freq, 0.5, atol=0.04)
+
+
+def test_routed_tokens_skip_the_span_and_kept_tokens_run_it():
+    x = jax.random.normal(jax.random.key(0), (5, 16, 3))
+    route = Route(1, 3, 0.5)
+    key = jax.random.key(7)
+    out = routing.apply_blocks(affine_block, x, DEPTH, (route,), key)
+    (idx,) = routing.kept_indices(key, (route,), 5, 16)
+    kept = np.zeros((5, 16), bool)
+    kept[np.arange(5)[:, None], np.asarray(idx)] = True
+
+    def run(h, blocks):
+        for i in blocks:
+            h = affine_block(i, h)
+        return h
+
+    dense = run(x, range(DEPTH))
+    skipped = run(x, [0, 4, 5])  # routed tokens bypass blocks 1..3 and re-enter as they left block 0
+    np.testing.assert_allclose(out, np.where(kept[..., None], dense, skipped), rtol=1e-6)
+
+
+def test_vectorised_transform_matches_per_sample_loop():
+    x = jax.random.normal(jax.random.key(2), (4, 12, 5))
+    routes = (Route(0, 1, 0.5), Route(3, 4, 0.25))
+    key = jax.random.key(11)
+    out = routing.apply_blocks(affine_block, x, DEPTH, routes, key)
+    indices = [np.asarray(i) for i in routing.kept_indices(key, routes, 4, 12)]
+    expected = np.array(x)
+    for b in range(4):
+        h = expected[b]
+        i = 0
+        while i < DEPTH:
+            r = next((k for k, r in enumerate(routes) if r.start == i), None)
+            if r is None:
+                h = np.asarray(affine_block(i, h))
+                i += 1
+                continue
+            sub = h[indices[r][b]]
+            for j in range(routes[r].start, routes[r].end + 1):
+                sub = np.asarray(affine_block(j, sub))
+            h = h.copy()
+            h[indices[r][b]] = sub
+            i = routes[r].end + 1
+        expected[b] = h
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "routes,message",
+    [
+        ((Route(-1, 2),), "0 <= start"),
+        ((Route(3, 2),), "0 <= start <= end"),
+        ((Route(2, 6),), "end < depth"),
+        ((Route(1, 2, 1.0),), "ratio"),
+        ((Route(1, 2, -0.1),), "ratio"),
+        ((Route(1, 3), Route(3, 4)), "overlap"),
+        ((Route(3, 4), Route(0, 1)), "not sorted"),
+    ],
+)
+def test_invalid_routes_raise(routes, message):
+    with pytest.raises(ValueError, match=message):
+        routing.validate_routes(routes, DEPTH)
+
+
+def test_parse_routes_accepts_config_forms():
+    expected = (Route(2, 8, 0.5), Route(9, 10, 0.25))
+    assert routing.parse_routes([dict(start=2, end=8), dict(start=9, end=10, ratio=0.25)]) == expected
+    assert routing.parse_routes([(2, 8), (9, 10, 0.25)]) == expected
+    assert routing.parse_routes(None) == ()
+
+
+def test_route_without_key_is_an_error():
+    with pytest.raises(ValueError, match="route_key"):
+        routing.apply_blocks(affine_block, jnp.zeros((1, 8, 2)), DEPTH, (Route(1, 2),), None)
+
+
+def tiny_dit(**kwargs):
+    return create_model(
+        "DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=DEPTH, hidden_size=32,
+        num_heads=2, rngs=nnx.Rngs(0), **kwargs,
+    )
+
+
+def randomize(model, seed=1):
+    """DiT starts with zero adaLN and output layers; give every parameter a value."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(
+        treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+    return model
+
+
+def model_inputs(batch=3):
+    x = jax.random.normal(jax.random.key(5), (batch, 8, 8, 1))
+    return x, jnp.linspace(-1.0, 1.0, batch), jnp.arange(batch) % 11
+
+
+def test_ratio_zero_is_exactly_dense():
+    model = randomize(tiny_dit())
+    x, t, y = model_inputs()
+    dense = model(x, t, y)
+    routed = model(x, t, y, routes=(Route(1, 3, 0.0),), route_key=jax.random.key(0))
+    np.testing.assert_array_equal(dense, routed)
+
+
+def test_routing_changes_the_forward_and_depends_on_the_key():
+    model = randomize(tiny_dit())
+    x, t, y = model_inputs()
+    routes = (Route(1, 3, 0.5),)
+    a = model(x, t, y, routes=routes, route_key=jax.random.key(0))
+    b = model(x, t, y, routes=routes, route_key=jax.random.key(1))
+    assert not np.allclose(a, model(x, t, y))
+    assert not np.allclose(a, b)
+
+
+def test_gradients_reach_every_parameter_when_routed():
+    model = randomize(tiny_dit())
+    x, t, y = model_inputs()
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        out = nnx.merge(graphdef, p)(x, t, y, routes=(Route(1, 3, 0.5),), route_key=jax.random.key(0))
+        return jnp.mean(jnp.square(out - x))
+
+    grads = jax.grad(loss)(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(g)), path
+        if "y_embedder" not in jax.tree_util.keystr(path):  # unused label rows get no gradient
+            assert np.any(g != 0), path
+
+
+def test_block_after_route_runs_in_float32_under_bfloat16():
+    model = randomize(tiny_dit(compute_dtype=jnp.bfloat16))
+    x, t, y = model_inputs()
+    route = Route(1, 3, 0.5)
+    jaxpr = str(jax.make_jaxpr(lambda: model(x, t, y, routes=(route,), route_key=jax.random.key(0)))())
+    off = randomize(tiny_dit(compute_dtype=jnp.bfloat16, float32_after_route=False))
+    jaxpr_off = str(jax.make_jaxpr(lambda: off(x, t, y, routes=(route,), route_key=jax.random.key(0)))())
+    # The block after the route multiplies float32 activations by its float32 weights.
+    hidden = 32
+    f32_matmul = f"f32[3,16,{hidden}] "
+    assert jaxpr.count("dot_general") == jaxpr_off.count("dot_general")
+    assert jaxpr.count(f32_matmul) > jaxpr_off.count(f32_matmul)

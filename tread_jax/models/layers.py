@@ -1,0 +1,152 @@
+"""Layers shared by the diffusion backbones: embeddings, adaLN-Zero pieces, patching.
+
+Parameters are float32; every layer computes in the dtype of its input activations, so a
+model picks its compute dtype by casting activations once (and a block can be run in float32
+by casting its input).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def cast_to_input_dtype(args, /, *, dtype=None, inexact=True):
+    """A flax ``promote_dtype`` that computes in the first argument's (the input's) dtype."""
+    del dtype, inexact
+    compute_dtype = args[0].dtype
+    return tuple(None if a is None else jnp.asarray(a, compute_dtype) for a in args)
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+    kernel_init: nnx.Initializer = xavier_uniform,
+    bias_init: nnx.Initializer = zeros,
+) -> nnx.Linear:
+    """A float32-parameter Linear layer that computes in its input's dtype."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        promote_dtype=cast_to_input_dtype,
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation of ``[B, N, D]`` tokens by per-sample ``[B, D]`` shift and scale."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, *, max_period: float = 10000.0, freq_shift: int = 0
+) -> jax.Array:
+    """Sinusoidal embedding ``[cos, sin]`` of scalar noise labels, float32 ``[B, dim]``.
+
+    ``freq_shift=0`` is DiT's original; diffusers' DiT port divides by ``half - 1`` instead
+    (``freq_shift=1``), which matters only when importing its weights.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """DiT's fixed 2-D sin-cos table ``[grid_h * grid_w, dim]`` in row-major token order."""
+
+    def embed_1d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # DiT puts the embedding of the column index first, then that of the row index.
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    table = np.concatenate([embed_1d(dim // 2, cols), embed_1d(dim // 2, rows)], axis=1)
+    return table.astype(np.float32)
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+    """``[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]``, tokens row-major, patch pixels (p, p, C)."""
+    b, h, w, c = x.shape
+    p = patch_size
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int) -> jax.Array:
+    """Inverse of :func:`patchify`: ``[B, N, p*p*C] -> [B, H, W, C]``."""
+    b, _, d = tokens.shape
+    p = patch_size
+    c = d // (p * p)
+    x = tokens.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height, width, c)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patches to tokens (a stride-p convolution written as one matmul)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, *, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = dense(patch_size * patch_size * in_channels, hidden_size, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(patchify(x, self.patch_size))
+
+
+class TimestepEmbedder(nnx.Module):
+    """Noise label -> sinusoidal features -> MLP."""
+
+    def __init__(self, hidden_size: int, *, freq_dim: int = 256, freq_shift: int = 0, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.freq_dim = freq_dim
+        self.freq_shift = freq_shift
+        self.fc1 = dense(freq_dim, hidden_size, kernel_init=init, rngs=rngs)
+        self.fc2 = dense(hidden_size, hidden_size, kernel_init=init, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        h = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+        return self.fc2(jax.nn.silu(self.fc1(h)))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class label -> vector; index ``num_classes`` is the null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, *, rngs: nnx.Rngs):
+        self.table = nnx.Embed(
+            num_classes + 1, hidden_size, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
+
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        return self.table(labels)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN-modulated LayerNorm and a zero-initialised projection to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs):
+        self.ada = dense(hidden_size, 2 * hidden_size, kernel_init=zeros, rngs=rngs)
+        self.proj = dense(hidden_size, patch_size * patch_size * out_channels, kernel_init=zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.ada(jax.nn.silu(c)), 2, axis=-1)
+        return self.proj(modulate(layer_norm(x), shift, scale))
