@@ -1,0 +1,45 @@
+"""Analytic multiply-accumulate counts for DiT, dense and routed.
+
+Counts the matrix multiplications (the MACs the DiT paper reports as "GFLOPs"); elementwise
+work, softmax and normalisation are left out, as in the paper. Per-block counts take the number
+of tokens the block sees, so a routed forward costs what its kept tokens cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tread_jax import routing
+from tread_jax.models.dit import DiT
+
+
+def dit_block_macs(num_tokens: int, hidden_size: int, mlp_hidden: int) -> int:
+    """MACs of one DiT block for one sample of ``num_tokens`` tokens."""
+    n, d = num_tokens, hidden_size
+    ada = d * 6 * d  # per sample, not per token
+    projections = n * (
+        3 * d * d + d * d + 2 * d * mlp_hidden
+    )  # qkv, attention out, MLP
+    attention = 2 * n * n * d  # q @ k^T and weights @ v over all heads
+    return ada + projections + attention
+
+
+def dit_forward_macs(
+    model: DiT, height: int, width: int, routes: Sequence[routing.Route] = ()
+) -> int:
+    """MACs of one forward pass for one ``height x width`` sample, with ``routes`` applied.
+
+    ``model`` may be abstract (``nnx.eval_shape``): only its shapes are read.
+    """
+    p, d = model.patch_size, model.hidden_size
+    n = (height // p) * (width // p)
+    tokens = [n] * model.depth
+    for r in routing.active_routes(routing.validate_routes(routes, model.depth), n):
+        for i in range(r.start, r.end + 1):
+            tokens[i] = routing.num_kept(n, r.ratio)
+    mlp_hidden = model.blocks[0].fc1.out_features
+    patch = n * model.patch_embed.proj.in_features * d
+    timestep = model.t_embedder.freq_dim * d + d * d
+    final = d * 2 * d + n * d * model.final_layer.proj.out_features
+    blocks = sum(dit_block_macs(k, d, mlp_hidden) for k in tokens)
+    return patch + timestep + blocks + final
