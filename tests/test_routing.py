@@ -15,8 +15,9 @@ from tread_jax.routing import Route
 DEPTH = 6
 
 
-def affine_block(i, x):
+def affine_block(i, x, positions=None):
     """A block whose effect on every token is distinct, elementwise and easy to replay."""
+    del positions
     return x * (1.0 + 0.1 * (i + 1)) + (i + 1)
 
 
@@ -87,6 +88,33 @@ def test_vectorised_transform_matches_per_sample_loop():
             i = routes[r].end + 1
         expected[b] = h
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep_order", [False, True])
+def test_blocks_are_told_the_positions_of_the_tokens_they_see(keep_order):
+    routes = (Route(1, 2, 0.5), Route(4, 5, 0.25), Route(6, 6, 0.0))
+    batch, num_tokens, depth, key = 3, 20, 7, jax.random.key(5)
+    seen = {}
+
+    def record(i, x, positions):
+        # Each token carries its own original position as its value.
+        seen[i] = (np.asarray(x[..., 0]).astype(int), None if positions is None else np.asarray(positions))
+        return x
+
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.float32)[None, :, None], (batch, num_tokens, 1))
+    routing.apply_blocks(record, tokens, depth, routes, key, keep_order=keep_order)
+    kept = routing.kept_indices(key, routes[:2], batch, num_tokens, keep_order=keep_order)
+    expected = [None, kept[0], kept[0], None, kept[1], kept[1], None]  # ratio 0 runs densely
+    for i in range(depth):
+        values, positions = seen[i]
+        if expected[i] is None:
+            assert positions is None
+            np.testing.assert_array_equal(values, np.broadcast_to(np.arange(num_tokens), (batch, num_tokens)))
+        else:
+            np.testing.assert_array_equal(positions, expected[i])
+            np.testing.assert_array_equal(values, positions)
+            if keep_order:
+                assert np.all(np.diff(positions, axis=1) > 0)
 
 
 @pytest.mark.parametrize(

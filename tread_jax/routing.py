@@ -105,7 +105,7 @@ def scatter_tokens(full: jax.Array, kept: jax.Array, idx: jax.Array) -> jax.Arra
 
 
 def apply_blocks(
-    block_fn: Callable[[int, jax.Array], jax.Array],
+    block_fn: Callable[[int, jax.Array, jax.Array | None], jax.Array],
     x: jax.Array,
     depth: int,
     routes: Sequence[Route],
@@ -113,9 +113,12 @@ def apply_blocks(
     *,
     keep_order: bool = False,
 ) -> jax.Array:
-    """Runs ``block_fn(i, x)`` for ``i in range(depth)`` over ``x: [B, N, D]`` with routing.
+    """Runs ``block_fn(i, x, positions)`` for ``i in range(depth)`` over ``x: [B, N, D]``.
 
-    Routes that drop no token (ratio 0, or too few tokens) run densely, bit for bit.
+    ``positions`` is ``None`` where a block sees the whole sequence, and inside a route the
+    ``[B, K]`` original positions of the kept tokens it sees (for blocks that depend on token
+    order, such as scans). Routes that drop no token (ratio 0, or too few tokens) run densely,
+    bit for bit.
     """
     routes = active_routes(validate_routes(routes, depth), x.shape[1])
     if routes and key is None:
@@ -125,13 +128,13 @@ def apply_blocks(
     i = 0
     while i < depth:
         if i not in route_at:
-            x = block_fn(i, x)
+            x = block_fn(i, x, None)
             i += 1
             continue
         route, idx = route_at[i]
         kept = gather_tokens(x, idx)
         for j in range(route.start, route.end + 1):
-            kept = block_fn(j, kept)
+            kept = block_fn(j, kept, idx)
         x = scatter_tokens(x, kept, idx)
         i = route.end + 1
     return x

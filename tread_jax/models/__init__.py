@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tread_jax.models.dit import DiT
+from tread_jax.models.ssm import SSM
 
 # depth, hidden size, heads (DiT paper, Table 1).
 DIT_SIZES = {
@@ -16,8 +17,17 @@ DIT_SIZES = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
+# Mamba blocks have no MLP, so S, L and XL double DiT's depth at DiT's width (37M, 494M, 726M
+# parameters at 32x32x4); B keeps DiT-B's width and takes the depth that gives the paper's
+# 111M Mamba backbone (112.6M).
+SSM_SIZES = {
+    "S": dict(depth=24, hidden_size=384),
+    "B": dict(depth=19, hidden_size=768),
+    "L": dict(depth=48, hidden_size=1024),
+    "XL": dict(depth=56, hidden_size=1152),
+}
 PATCH_SIZES = (2, 4, 8)
-FAMILIES = {"DiT": (DiT, DIT_SIZES)}
+FAMILIES = {"DiT": (DiT, DIT_SIZES), "SSM": (SSM, SSM_SIZES)}
 
 _NAME = re.compile(r"^(?P<family>[A-Za-z]+)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")
 

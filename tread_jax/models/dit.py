@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tread_jax import routing
-from tread_jax.models.layers import (
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    dense,
-    layer_norm,
-    modulate,
-    sincos_pos_embed_2d,
-    unpatchify,
-    zeros,
-)
+from tread_jax.models.backbone import Backbone
+from tread_jax.models.layers import dense, layer_norm, modulate, zeros
 
 
 class DiTBlock(nnx.Module):
@@ -61,76 +48,28 @@ class DiTBlock(nnx.Module):
         return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
-class DiT(nnx.Module):
-    """Class-conditional diffusion transformer over NHWC inputs.
-
-    ``noise_labels`` are whatever the objective feeds the timestep embedder (EDM: ln(sigma)/4).
-    Label ``num_classes`` is the null class. Routing is applied only when ``routes`` are given.
-    """
+class DiT(Backbone):
+    """Class-conditional diffusion transformer (DiT) over NHWC inputs."""
 
     def __init__(
         self,
         *,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        out_channels: int,
         hidden_size: int,
-        depth: int,
         num_heads: int,
-        num_classes: int,
         mlp_ratio: float = 4.0,
-        compute_dtype: jnp.dtype = jnp.float32,
-        float32_after_route: bool = True,
-        timestep_freq_shift: int = 0,
         attention_impl: str | None = None,
         rngs: nnx.Rngs,
+        **trunk,
     ):
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.out_channels = out_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_classes = num_classes
-        self.compute_dtype = jnp.dtype(compute_dtype)
-        self.float32_after_route = float32_after_route
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size, rngs=rngs)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, rngs=rngs)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...)."""
+        super().__init__(hidden_size=hidden_size, rngs=rngs, **trunk)
         self.blocks = nnx.List(
             [
                 DiTBlock(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs)
-                for _ in range(depth)
+                for _ in range(self.depth)
             ]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        noise_labels: jax.Array,
-        class_labels: jax.Array,
-        *,
-        routes: Sequence[routing.Route] = (),
-        route_key: jax.Array | None = None,
-    ) -> jax.Array:
-        _, height, width, _ = x.shape
-        grid = (height // self.patch_size, width // self.patch_size)
-        pos = sincos_pos_embed_2d(self.hidden_size, *grid)
-        tokens = self.patch_embed(x.astype(self.compute_dtype)) + pos.astype(self.compute_dtype)
-        c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
-
-        after_route = frozenset()
-        if self.float32_after_route and self.compute_dtype != jnp.float32:
-            after_route = routing.blocks_after_routes(routes, tokens.shape[1])
-
-        def block_fn(i: int, h: jax.Array) -> jax.Array:
-            if i in after_route:  # as the published code: the block that re-merges runs in float32
-                return self.blocks[i](h.astype(jnp.float32), c.astype(jnp.float32)).astype(h.dtype)
-            return self.blocks[i](h, c)
-
-        tokens = routing.apply_blocks(block_fn, tokens, self.depth, routes, route_key)
-        out = self.final_layer(tokens, c)
-        return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)
+    def run_block(self, i, h, c, positions, grid):
+        del positions, grid  # attention is permutation-equivariant; positions live in the tokens
+        return self.blocks[i](h, c)
