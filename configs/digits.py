@@ -1,0 +1,63 @@
+"""The embedded default: a small DiT trained with TREAD on scikit-learn's 8x8 digits, on CPU.
+
+Command (from the repository root):
+
+    python -m tread_jax.main --config=configs/digits.py --workdir=/tmp/tread_digits
+
+Expected result (measured on the shared 2-core CPU, load average ~2): compile 11.5 s, 2000
+steps at 6.2-7.0 steps/s (5m23s), whole command 5m57s; quality report with EMA weights, 1000
+samples, Heun 18 steps, guidance 1: accuracy 0.949, Frechet distance 1.81 against a real
+train-vs-test floor of 1.00 (ratio 1.81). This is short of the issue's bar (>= 0.95, <= 1.5x):
+the step runs at about 60% of the prototype's 11.5 steps/s, so 5 minutes buys ~2000 steps
+instead of ~3400; the raw (non-EMA) weights at 1500 steps scored 0.88-0.90.
+
+Model: DiT with 6 blocks of width 128 and 4 heads, patch 2 (16 tokens per 8x8 digit), one
+TREAD route sending half the tokens around blocks 1..3. EDM objective, Adam 1e-3 with a
+short warmup (a small model on 1.5K images tolerates and needs a higher rate than DESIGN's
+1e-4), EMA 0.995 (half-life ~140 steps: the EMA starts at the random initial weights, and
+with 0.999 a 1.5K-step run still carried 22% of them, which drove accuracy to 16% against 88%
+for the raw weights), Heun with 18 steps for samples. The training budget is a step count, not wall time, so results reproduce.
+"""
+
+import ml_collections
+
+from tread_jax import data, diffusion
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "DiT-S/2"  # named size, then resized by the overrides below
+    config.model.overrides = dict(depth=6, hidden_size=128, num_heads=4)
+    config.model.compute_dtype = "float32"  # bfloat16 on accelerators
+    # TREAD routes: blocks start..end (0-based, inclusive) see 1 - ratio of the tokens.
+    config.routes = [dict(start=1, end=3, ratio=0.5)]
+    # Version-1 loss (kept-token loss + mae_coef x routed-token loss); off = version 3.
+    config.route_loss = ml_collections.ConfigDict(dict(enabled=False, mae_coef=0.0))
+
+    config.diffusion = diffusion.default_config("edm")
+    config.label_dropout = 0.1  # classifier-free guidance training (null class = num_classes)
+
+    config.data = data.default_config()
+    config.global_batch_size = 64
+    config.num_train_steps = 2000
+
+    config.optim = ml_collections.ConfigDict(
+        dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, grad_clip=0.0)
+    )
+    config.ema_decay = 0.995
+
+    # Device mesh: sizes of the (data, fsdp) axes, -1 = all remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.fsdp_min_size = 2**16  # parameters with fewer elements stay replicated
+
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.max_to_keep = 3
+    # Periodic sample grids from the EMA weights: per_class samples of every class.
+    config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, guidance=1.0))
+    # End-of-run quality report ("digits": classifier accuracy and Frechet distance; "" = none).
+    config.eval = ml_collections.ConfigDict(dict(report="digits", samples_per_class=100, num_steps=18, guidance=1.0))
+    return config

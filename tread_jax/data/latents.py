@@ -1,0 +1,116 @@
+"""ImageNet as SD-VAE latent moments: the TFDS array_record dataset that prepare_latents writes.
+
+Layout: ``<data_dir>/imagenet<res>_latents/1.0.0/`` holds plain TFDS array_record shards
+(``imagenet256_latents-train.array_record-00003-of-00313``) and, once every shard is written,
+TFDS's ``dataset_info.json``/``features.json``. So the dataset is read with the standard
+``tfds.builder_from_directory(...).as_data_source()`` (random access, no TensorFlow), exactly
+like the digits, and the training pipeline needs nothing latent-specific except ``decode``.
+The shards are written directly with ``array_record`` rather than by a TFDS builder's
+``download_and_prepare`` because that can neither resume a half-finished split, nor let
+several hosts write disjoint shards of one split, nor spread encoding over devices.
+
+Records: ``mean`` and ``logvar`` float16 [res/8, res/8, 4] (NHWC; the posterior of the VAE
+encoder, log-variance clipped to [-30, 20] as diffusers does) and ``label`` (ClassLabel over
+the sorted wnids). With flips each image contributes two consecutive records: the image, then
+its horizontal mirror, each encoded separately (a latent cannot be mirrored exactly).
+
+Training draws ``z = 0.18215 * (mean + exp(logvar / 2) * noise)`` with fresh noise every step.
+``decode`` prepares the two parts on the host, ``image = 0.18215 * mean`` and
+``image_std = 0.18215 * exp(logvar / 2)``, and the train step adds ``image_std * noise`` on
+device, where noise is cheap and follows the step's key (so a resumed run draws the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from flax import nnx
+
+VERSION = "1.0.0"
+RESOLUTIONS = (256, 512)  # the registered datasets; the tool also writes other sizes (tests)
+SCALE = 0.18215  # sd-vae-ft-ema's scaling_factor: latents * SCALE have about unit variance
+LATENT_CHANNELS = 4
+DOWNSAMPLE = 8  # the SD VAE maps res x res pixels to res/8 x res/8 latents
+
+
+def dataset_name(resolution: int) -> str:
+    """TFDS name (and config ``data.name``) of the latents at ``resolution``: imagenet256_latents."""
+    return f"imagenet{resolution}_latents"
+
+
+def prepare_command(resolution: int) -> str:
+    """The command that builds the dataset (used in the trainer's missing-data error)."""
+    return (
+        f"python -m tread_jax.data.prepare_latents --source=folder --data_dir=/path/to/imagenet "
+        f"--resolution={resolution} --vae=stabilityai/sd-vae-ft-ema --output_dir=<the data_dir above>"
+    )
+
+
+def features(resolution: int, class_names: Sequence[str]) -> tfds.features.FeaturesDict:
+    """The record schema for ``resolution`` pixel images and the given classes."""
+    side = resolution // DOWNSAMPLE
+    shape = (side, side, LATENT_CHANNELS)
+    return tfds.features.FeaturesDict({
+        "mean": tfds.features.Tensor(shape=shape, dtype=np.float16),
+        "logvar": tfds.features.Tensor(shape=shape, dtype=np.float16),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+    })
+
+
+def decode(records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked records -> {"image": SCALE*mean, "image_std": SCALE*std (f32 NHWC), "label": i32}."""
+    mean = records["mean"].astype(np.float32)
+    std = np.exp(0.5 * records["logvar"].astype(np.float32))
+    return {
+        "image": SCALE * mean,
+        "image_std": SCALE * std,
+        "label": records["label"].astype(np.int32),
+    }
+
+
+def spec_kwargs(resolution: int) -> dict[str, Any]:
+    """Arguments of ``pipeline.DatasetSpec`` for the latents at ``resolution``."""
+    return dict(
+        tfds_name=dataset_name(resolution),
+        version=VERSION,
+        decode=decode,
+        pixel_space=False,
+        prepare=None,  # needs the user's ImageNet and hours of encoding
+        prepare_hint=f"prepare the latents with: {prepare_command(resolution)}",
+    )
+
+
+def sample_latents(batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+    """The training input of a decoded batch: a fresh posterior sample when ``image_std`` is there.
+
+    Pixel datasets (no ``image_std``) pass through unchanged, so the train step can call this
+    for every dataset.
+    """
+    x = batch["image"]
+    if "image_std" not in batch:
+        return x
+    return x + batch["image_std"] * jax.random.normal(key, x.shape, x.dtype)
+
+
+def image_decoder(vae: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Scaled latents [N, h, w, 4] -> images [N, 8h, 8w, 3] in [-1, 1], through the VAE ``vae``.
+
+    ``vae`` is a diffusers folder or "stabilityai/sd-vae-ft-ema". For sample grids on one device
+    of this process: samples are few and the result is needed on the host anyway.
+    """
+    from tread_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top  # heavy, optional
+
+    model, _ = vae_lib.load_vae(vae)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params: Any, latents: jax.Array) -> jax.Array:
+        # SCALE, not the folder's scaling_factor: it undoes exactly what ``decode`` applied.
+        return jnp.clip(vae_lib.decode(graphdef, params, latents / SCALE), -1.0, 1.0)
+
+    return lambda latents: np.asarray(run(params, jnp.asarray(latents, jnp.float32)))

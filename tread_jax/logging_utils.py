@@ -1,0 +1,162 @@
+"""Training metrics: on-device aggregation (clu.metrics), writers (TensorBoard, JSON lines),
+a console progress line, and sample image grids. Only process 0 writes anything.
+"""
+
+# No `from __future__ import annotations`: clu.metrics.Collection reads its fields' annotations
+# as metric classes, which postponed (string) annotations would break.
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics
+from PIL import Image
+
+NO_BAD_STEP = np.iinfo(np.int32).max
+
+
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+    """The earliest step whose loss or gradient norm was not finite (``NO_BAD_STEP`` if none).
+
+    Aggregated on device like the averages, so detecting a divergence costs no host sync
+    until the trainer looks at it (log and checkpoint steps).
+    """
+
+    step: jax.Array
+
+    @classmethod
+    def from_model_output(cls, *, step: jax.Array, loss: jax.Array, grad_norm: jax.Array, **_):
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        return cls(step=jnp.where(finite, NO_BAD_STEP, step).astype(jnp.int32))
+
+    def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+        return type(self)(step=jnp.minimum(self.step, other.step))
+
+    def compute(self) -> jax.Array:
+        return self.step
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    """What one train step reports; merged over the steps between two log lines."""
+
+    loss: metrics.Average.from_output("loss")
+    grad_norm: metrics.Average.from_output("grad_norm")
+    learning_rate: metrics.LastValue.from_output("learning_rate")
+    first_nonfinite_step: FirstNonFinite
+
+
+class MetricWriter:
+    """Scalars to TensorBoard event files (tensorboardX, no TensorFlow) and to metrics.jsonl."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+        self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        # Appending keeps the history of a resumed run in one file.
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tensorboard.close()
+            self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+    """``3725 -> '1h02m05s'``, ``65 -> '1m05s'``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Throughput:
+    """Steps/s and ETA over the window since the previous log line (compile time excluded)."""
+
+    def __init__(self, start_step: int):
+        self._step = start_step
+        self._time = time.perf_counter()
+
+    def update(self, step: int) -> float:
+        """Steps per second since the last call; call only after a host sync."""
+        now = time.perf_counter()
+        rate = (step - self._step) / max(now - self._time, 1e-9)
+        self._step, self._time = step, now
+        return rate
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, float], steps_per_s: float) -> str:
+    """One console line: step, loss, speed and time left."""
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    eta_text = format_duration(eta) if np.isfinite(eta) else "?"
+    return (
+        f"step {step}/{total} ({100.0 * step / total:.0f}%) | loss {scalars['loss']:.4f} | "
+        f"grad norm {scalars['grad_norm']:.3f} | lr {scalars['learning_rate']:.2e} | "
+        f"{steps_per_s:.2f} steps/s | {scalars['images_per_s']:.0f} img/s | ETA {eta_text}"
+    )
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, *, scale: int = 1, pad: int = 1) -> Image.Image:
+    """Tiles ``[N, H, W, C]`` images in [-1, 1] row by row (C = 1 or 3), upscaled by ``scale``."""
+    images = _to_uint8(images)
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return picture
+
+
+def save_class_grids(
+    images: np.ndarray, labels: np.ndarray, directory: str, prefix: str, *, per_class_files: bool
+) -> list[str]:
+    """Writes ``<prefix>.png`` (one row per class) and optionally ``<prefix>_class<k>.png``.
+
+    ``images`` must hold the same number of samples for every class in ``labels``. Returns the
+    paths written (none on processes other than 0).
+    """
+    if jax.process_index() != 0:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    images, labels = np.asarray(images), np.asarray(labels)
+    classes = np.unique(labels)
+    order = np.argsort(labels, kind="stable")
+    per_class = len(labels) // len(classes)
+    # Small images (8x8 digits) are upscaled so the grid is readable in an image viewer.
+    scale = max(1, 64 // images.shape[1])
+    paths = [os.path.join(directory, f"{prefix}.png")]
+    image_grid(images[order], per_class, scale=scale).save(paths[0])
+    if per_class_files:
+        columns = int(np.ceil(np.sqrt(per_class)))
+        for k in classes:
+            path = os.path.join(directory, f"{prefix}_class{int(k)}.png")
+            image_grid(images[labels == k], columns, scale=scale).save(path)
+            paths.append(path)
+    return paths

@@ -1,0 +1,65 @@
+"""Checks that run before anything is compiled, each failing with one clear line.
+
+Training a large model spends minutes compiling and loading before the first step; a typo in
+the config should not cost that. ``check`` raises ValueError (bad config), FileNotFoundError
+(missing dataset) or PermissionError (unusable workdir).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import ml_collections
+
+from tread_jax import data, diffusion, models, routing, sharding
+
+
+def model_settings(model_config: ml_collections.ConfigDict) -> dict:
+    """Size settings of the configured model (named size, then overrides); ValueError if unknown."""
+    _, kwargs = models.model_spec(model_config.name)
+    kwargs.update(model_config.get("overrides", {}) or {})
+    return kwargs
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir exists or can be created, and this process can write files into it."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"workdir {workdir!r} is not writable: {error.strerror or error}") from None
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
+    """Validates the config against this job's devices and files; returns the dataset info."""
+    settings = model_settings(config.model)
+    routing.validate_routes(routing.parse_routes(config.routes), settings["depth"])
+    diffusion.create_objective(config.diffusion)
+
+    data_size, fsdp_size = sharding.mesh_shape(config.mesh, jax.device_count())
+    parallel = data_size * fsdp_size
+    batch = config.global_batch_size
+    if batch <= 0 or batch % parallel:
+        raise ValueError(
+            f"global_batch_size {batch} is not divisible by the data-parallel size {parallel} "
+            f"(mesh data={data_size} x fsdp={fsdp_size})"
+        )
+    # The mesh spans every device and each process holds the same number of them, so this also
+    # makes the batch divisible by the process count (each process reads an equal share).
+    if config.num_train_steps <= 0:
+        raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
+    check_workdir(workdir)
+
+    info = data.dataset_info(config.data)
+    height, width, _ = info.image_shape
+    if height != width:
+        raise ValueError(f"dataset {info.name!r} images are {height}x{width}; the models need square inputs")
+    if height % settings["patch_size"]:
+        raise ValueError(
+            f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
+            f"{config.model.name}"
+        )
+    return info
