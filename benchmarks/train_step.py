@@ -143,7 +143,7 @@ def main(argv: list[str]) -> None:
         num_train=0,
         num_test=0,
     )
-    parts = train._ModelParts(config, info)
+    parts = train.ModelParts(config, info)
     abstract = flax.nnx.eval_shape(lambda: parts.build(flax.nnx.Rngs(0)))
     depth = abstract.depth
     spec = FLAGS.route.split(",") if FLAGS.route else (2, depth - 4, 0.5)

@@ -8,16 +8,17 @@ Command (from the repository root), after preparing the latents once:
         --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread
 
 Variants (the text after ``:``; no text = ``dit_xl2_tread``, the paper's headline run):
-``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2`` (dense baselines), the
-same names with ``_tread`` (one route over blocks 2..depth-4 at ratio 0.5: S/B 2->8, L 2->20,
-XL 2->24), and ``<model>_tread_ft``: the dense fine-tune of a routed run (the paper's guided
+``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2``, ``ssm_b2`` (dense
+baselines), the same names with ``_tread`` (one route over blocks 2..depth-4 at ratio 0.5: S/B
+2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``: the dense fine-tune of a routed run (the paper's guided
 "(F)" rows), which starts from the routed run's checkpoint with routing off:
 
     python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft \\
         --config.init_from=/ckpt/dit_xl2_tread --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread_ft
 
 DiT = EDM objective (as the published TREAD code); SiT = the same network with the flow
-objective. Training as DESIGN.md: global batch 256, AdamW 1e-4 (betas 0.9/0.999, no decay, no
+objective; SSM = the Mamba-style backbone (SSM-B/2, 112.6M parameters, 19 blocks; the paper's
+111M Mamba) with the EDM objective and routing that keeps the kept tokens in scan order. Training as DESIGN.md: global batch 256, AdamW 1e-4 (betas 0.9/0.999, no decay, no
 warmup, no clipping), EMA 0.9999, bfloat16 compute with float32 parameters, 400K steps,
 label dropout 0.1 for classifier-free guidance.
 
@@ -34,8 +35,15 @@ Expected FID-50K at 400K steps, no guidance (paper, ImageNet 256; DESIGN.md):
     DiT-XL/2   675M    19.47    7.38
     SiT-B/2    130M    33.00   15.98
     SiT-XL/2   675M    17.20    4.89
+    Mamba      111M    69.39   61.17   (the paper's SSM backbone; ours is SSM-B/2)
 
 The fine-tune length (100K dense steps after the routed 400K) is this repository's choice.
+
+In-loop evaluation: every ``eval.every`` = 50K steps, 5K samples from the EMA weights (classes
+balanced, ``eval.num_steps`` sampler steps, 32 per device) are scored by the FID Inception and
+written as ``eval/<metric>`` scalars. Set ``--config.eval.reference=/data/VIRTUAL_imagenet256_labeled.npz``
+(ADM's reference batch) for FID/sFID/precision/recall; without it ("") only the Inception Score
+is computed. ``--config.eval.every=0`` turns it off; FID-50K comes from ``tread_jax.evaluate``.
 """
 
 import importlib.util
@@ -43,7 +51,7 @@ import os
 
 import ml_collections
 
-from tread_jax import data, diffusion
+from tread_jax import data, diffusion, models
 from tread_jax.data import latents
 
 # variant prefix -> (model name, objective)
@@ -54,8 +62,8 @@ MODELS = {
     "dit_xl2": ("DiT-XL/2", "edm"),
     "sit_b2": ("DiT-B/2", "flow"),
     "sit_xl2": ("DiT-XL/2", "flow"),
+    "ssm_b2": ("SSM-B/2", "edm"),
 }
-DEPTHS = {"S": 12, "B": 12, "L": 24, "XL": 28}
 DEFAULT_VARIANT = "dit_xl2_tread"
 TRAIN_STEPS = 400_000
 FINETUNE_STEPS = 100_000
@@ -89,7 +97,7 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     """The config of ``variant`` on ImageNet latents at ``resolution`` (256 or 512)."""
     base, routed, finetune = parse_variant(variant)
     model_name, objective = MODELS[base]
-    depth = DEPTHS[model_name.split("-")[1].split("/")[0]]
+    depth = models.model_spec(model_name)[1]["depth"]
 
     config = _digits_config()
     config.model.name = model_name
@@ -125,8 +133,14 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict(
         dict(every=10_000, per_class=4, num_steps=40, guidance=1.0, classes=GRID_CLASSES)
     )
-    # FID comes from the evaluation binary (tread_jax.evaluate), not the end-of-run report.
+    # FID-50K comes from the evaluation binary (tread_jax.evaluate), not the end-of-run report;
+    # in-loop evaluation tracks FID-5K (module docstring).
     config.eval.report = ""
+    config.eval.every = 50_000
+    config.eval.num_samples = 5_000
+    config.eval.num_steps = config.sample.num_steps
+    config.eval.per_device_batch = 32
+    config.eval.reference = ""  # ADM reference .npz (VIRTUAL_imagenet256_labeled.npz); "" = IS only
     return config
 
 

@@ -10,6 +10,8 @@ Command (from the repository root), after preparing the latents once:
 Variant names, routes (2..depth-4, ratio 0.5), objectives and training settings are those of
 configs/imagenet256.py; no text after ``:`` = ``dit_xl2_tread``. Patch 2 on 64x64 latents gives
 1024 tokens, four times the 256-pixel sequence, so a step costs roughly 4-5x more.
+In-loop evaluation (5K samples every 50K steps) as there; for FID pass ADM's 512 reference
+batch: ``--config.eval.reference=/data/VIRTUAL_imagenet512.npz``.
 
 Hardware: sized for a Cloud TPU slice of 32-64 chips or several 8-GPU hosts (80 GB each).
 

@@ -243,7 +243,7 @@ def test_missing_and_unknown_datasets_give_clear_errors(data_dir, tmp_path, monk
             make_config(str(tmp_path), name="latents", flip=True),
             global_batch_size=8, seed=0, process_index=0, process_count=1,
         )
-    with pytest.raises(ValueError, match="unknown dataset 'nope'; known datasets: digits, latents$"):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; known datasets: digits, imagenet256_latents, imagenet512_latents, latents$"):
         data.dataset_info(make_config(data_dir, name="nope"))
     with pytest.raises(ValueError, match="has no split 'validation'"):
         data.load_split_arrays(make_config(data_dir), "validation")

@@ -45,7 +45,8 @@ def test_quality_report_separates_real_digits_from_noise(split, classifier):
 
     floor = real_like["fd_train_vs_test"]
     assert 0 < floor < 5
-    assert real_like["fd_generated_vs_test"] == pytest.approx(0, abs=1e-6)  # same set
+    # Same set: zero up to the float64 eigendecomposition's rounding (floor is about 1).
+    assert real_like["fd_generated_vs_test"] == pytest.approx(0, abs=1e-4)
     assert real_like["accuracy"] == real_like["classifier_test_accuracy"] > 0.9
     assert noisy["fd_generated_vs_test"] > 20 * floor
     assert noisy["accuracy"] < 0.3  # noise is not classified as the intended digits

@@ -275,13 +275,40 @@ def test_paper_variants_build():
             assert config.num_train_steps == (500_000 if suffix == "_tread_ft" else 400_000)
     default = _load_config("imagenet256", None)
     assert (default.model.name, default.routes) == ("DiT-XL/2", [dict(start=2, end=24, ratio=0.5)])
+    # The Mamba-style backbone: the paper's 111M SSM, routed over 2..depth-4 of its 19 blocks.
+    for suffix, routes in (("", []), ("_tread", [dict(start=2, end=15, ratio=0.5)])):
+        config = _load_config("imagenet256", "ssm_b2" + suffix)
+        assert (config.model.name, config.routes, config.diffusion.name) == ("SSM-B/2", routes, "edm")
+    abstract = nnx.eval_shape(lambda: models.create_model(
+        "SSM-B/2", input_size=32, in_channels=4, num_classes=1000, rngs=nnx.Rngs(0)))
+    assert abs(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) / 111e6 - 1) < 0.02
     big = _load_config("imagenet512", "sit_xl2_tread")
     assert (big.data.name, big.diffusion.name, big.routes) == ("imagenet512_latents", "flow", default.routes)
     with pytest.raises(ValueError, match="unknown ImageNet variant"):
         _load_config("imagenet256", "dit_xl2_ft")
 
 
-def test_trainer_runs_on_prepared_latents(prepared, tmp_path):
+def test_train_step_draws_fresh_latents_around_the_stored_mean():
+    from tread_jax import train
+
+    config = _load_config("imagenet256", "dit_s2")
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(64, 4, 4, 4)).astype(np.float32)
+    std = rng.uniform(0.1, 2.0, size=mean.shape).astype(np.float32)
+    batch = {"image": jax.numpy.asarray(mean), "image_std": jax.numpy.asarray(std)}
+    draw = jax.jit(lambda key: train.model_input(config, batch, key))
+    x1, x2 = np.asarray(draw(jax.random.key(1))), np.asarray(draw(jax.random.key(2)))
+    # (x - mean) / std is standard normal, and a new key draws new noise.
+    z = (x1 - mean) / std
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    assert not np.allclose(x1, x2)
+    config.data.sample_latents = False  # train on the stored mean
+    np.testing.assert_array_equal(train.model_input(config, batch, jax.random.key(1)), mean)
+    # Pixel batches have no std and pass through.
+    assert train.model_input(_load_config("digits", None), {"image": batch["image"]}, jax.random.key(1)) is batch["image"]
+
+
+def test_trainer_runs_on_prepared_latents(prepared, vae_dir, tmp_path):
     from tread_jax import train
 
     config = _load_config("imagenet256", "dit_s2_tread")
@@ -292,8 +319,17 @@ def test_trainer_runs_on_prepared_latents(prepared, tmp_path):
     config.data.num_threads = 1
     config.global_batch_size, config.num_train_steps = 4, 3
     config.log_every, config.checkpoint_every = 1, 3
-    config.sample.every = 0
+    # Grids of two chosen classes, decoded to pixels by the (tiny) VAE.
+    config.data.vae = str(vae_dir)
+    config.sample.update(every=3, per_class=2, num_steps=2, classes=[0, 2])
+    config.eval.every = 0
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(data.DATASETS, config.data.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
         result = train.train_and_evaluate(config, str(tmp_path / "work"))
     assert result["step"] == 3 and np.isfinite(result["loss"])
+    samples = tmp_path / "work" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "step_0000003.png", "step_0000003_class0.png", "step_0000003_class2.png"]
+    # A row per class of 2 decoded RGB samples: 2x2 tiles of 32 px with 1 px padding, upscaled x2.
+    grid = Image.open(samples / "step_0000003.png")
+    assert grid.mode == "RGB" and grid.size == (2 * (2 * (RESOLUTION + 1) + 1),) * 2

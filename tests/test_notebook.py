@@ -6,10 +6,8 @@ overridden (a tiny step count), the way CI and papermill-style runners do it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
 
 try:
     import nbclient

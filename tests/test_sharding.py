@@ -53,7 +53,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     from tread_jax import data, sharding, train, train_state
     config = tl.tiny_config({data_dir!r})
     mesh = sharding.create_mesh({{"data": 4, "fsdp": 2}})
-    parts = train._ModelParts(config, data.dataset_info(config.data))
+    parts = train.ModelParts(config, data.dataset_info(config.data))
     tx = train_state.create_optimizer(config.optim)
     abstract = jax.eval_shape(lambda: train_state.init_train_state(parts.init()[0], tx))
     shardings = sharding.state_shardings(abstract, mesh, config.fsdp_min_size)

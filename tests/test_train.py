@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import trainer_testlib as tl
-from tread_jax import data, diffusion, routing, train, train_state
+from tread_jax import data, diffusion, routing, sampling, train, train_state
 
 tl.enable_compilation_cache()
 
@@ -97,7 +97,7 @@ def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path):
 
 def _one_step(config, params_tx_state=None):
     info = data.dataset_info(config.data)
-    parts = train._ModelParts(config, info)
+    parts = train.ModelParts(config, info)
     tx = train_state.create_optimizer(config.optim)
     state = train_state.init_train_state(parts.init()[0], tx)
     rest = parts.init()[1]
@@ -124,3 +124,38 @@ def test_version1_route_loss_differs_from_the_plain_mean(data_dir):
     assert all(np.isfinite(losses))
     # Same noise, labels and token selection: only the reduction over tokens differs.
     assert len(set(losses)) == 3 and losses[2] > losses[1]
+
+
+def test_dense_finetune_continues_a_routed_run(data_dir, tmp_path):
+    routed_dir, dense_dir = str(tmp_path / "routed"), str(tmp_path / "dense")
+    dense = dict(routes=[], init_from=routed_dir, num_train_steps=6, checkpoint_every=2)
+    with pytest.raises(FileNotFoundError, match=r"init_from '.*routed' holds no checkpoint"):
+        train.train_and_evaluate(tl.tiny_config(data_dir, **dense), dense_dir)
+    train.train_and_evaluate(tl.tiny_config(data_dir, num_train_steps=4), routed_dir)
+
+    # EMA decay 1 freezes the EMA at what the run started from: the routed run's step-4 state.
+    train.train_and_evaluate(tl.tiny_config(data_dir, ema_decay=1.0, **dense), dense_dir)
+    records = [json.loads(line) for line in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 6]
+    routed = train.restore_ema(tl.tiny_config(data_dir), routed_dir)
+    finetuned = train.restore_ema(tl.tiny_config(data_dir), dense_dir)
+    assert (routed.step, finetuned.step) == (4, 6)
+    jax.tree.map(np.testing.assert_array_equal, finetuned.params, routed.params)
+
+    # The notebook's sampler reads the same weights.
+    sampler = sampling.EmaSampler(tl.tiny_config(data_dir), dense_dir)
+    images = sampler.sample(np.arange(3), seed=0, num_steps=2)
+    assert sampler.step == 6 and images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_in_loop_evaluation_writes_eval_metrics(data_dir, tmp_path):
+    config = tl.tiny_config(data_dir, num_train_steps=4, log_every=2,
+                            **{"eval.every": 2, "eval.num_samples": 20, "eval.num_steps": 2, "eval.per_device_batch": 10})
+    train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert 0.0 <= r["eval/accuracy"] <= 1.0 and r["eval/fd_generated_vs_test"] > 0
+        assert not {"eval/num_samples", "eval/seed", "eval/step"} & set(r)
+    assert (tmp_path / "eval" / "4").is_dir()

@@ -26,6 +26,40 @@ STATE = "state"
 DATA = "data"
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """Where a training workdir keeps its checkpoints."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The finished checkpoint steps of a training workdir, ascending (Orbax's temporary
+    directories of unfinished saves are not digits and are left out)."""
+    directory = checkpoint_dir(workdir)
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def restore_ema_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """The EMA parameters of checkpoint ``step`` (default: the latest) of a training workdir.
+
+    Reads only ``ema_params`` from the saved train state (a partial Orbax restore: sampling and
+    evaluation need neither the raw parameters nor the optimizer state, which triple the
+    memory), into the shapes and shardings of ``abstract_params`` (ShapeDtypeStructs).
+    """
+    directory = checkpoint_dir(workdir)
+    steps = saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; saved steps: {steps}")
+    item = {"ema_params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(directory, str(step), STATE), args=args)
+    return restored["ema_params"], step
+
+
 def _iterator_file(step_dir: str) -> str:
     """The file in which grain's handler keeps this process's iterator state."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -36,7 +70,7 @@ class Checkpointer:
     """Saves every ``save_interval_steps`` steps, keeps ``max_to_keep``, resumes the latest good."""
 
     def __init__(self, workdir: str, *, save_interval_steps: int, max_to_keep: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = checkpoint_dir(workdir)
         self.corrupt_directory = os.path.join(os.path.abspath(workdir), "checkpoints_corrupt")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,

@@ -34,31 +34,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 from tread_jax import data, diffusion, sharding, train
-from tread_jax import main as train_main
 from tread_jax.metrics import evaluator, reference_stats
-
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples to generate (default: config.eval).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler of the objective (flow: euler or heun).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps (default: config.eval.num_steps).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = none).")
-_INTERVAL = flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only at noise levels in [lo, hi].")
-_REFERENCE = flags.DEFINE_string("reference", None, "ADM reference .npz (images and/or mu, sigma).")
-_OUTPUT = flags.DEFINE_string("output", None, "Metrics JSON (default: <workdir>/eval/<step>/<settings>/metrics.json).")
-_SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write the samples as an ADM-format .npz.")
-_PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", None, "Samples per device per batch.")
-_SEED = flags.DEFINE_integer("seed", None, "Seed of the labels and noise (default: config.seed).")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Stop after this many batches (progress is kept).")
-_PR_SAMPLES = flags.DEFINE_integer("pr_samples", evaluator.DEFAULT_PR_SAMPLES, "Samples kept for precision/recall.")
-_INCEPTION_WEIGHTS = flags.DEFINE_string("inception_weights", None, "pytorch-fid .pth (default: cache/download).")
-_PREPROCESSING = flags.DEFINE_enum("inception_preprocessing", "adm", ["adm", "pytorch_fid"],
-                                   "Inception input convention; 'adm' matches ADM's reference statistics.")
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
@@ -192,7 +172,7 @@ class _SampleWriter:
 class SampleEvaluator:
     """Samples from given EMA parameters and scores them; built once, called per checkpoint.
 
-    ``parts``/``objective``/``mesh``/``param_shardings`` are the trainer's (``train._ModelParts``,
+    ``parts``/``objective``/``mesh``/``param_shardings`` are the trainer's (``train.ModelParts``,
     the objective, the mesh and the shardings of the EMA parameters), so the training loop can
     call it with ``state.ema_params`` directly.
     """
@@ -269,51 +249,23 @@ class SampleEvaluator:
         return result
 
 
-def restore_ema_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
-    """The EMA parameters of checkpoint ``step`` (default: the latest) of a training workdir.
-
-    Reads only ``ema_params`` from the saved train state (a partial Orbax restore), into the
-    shapes and shardings of ``abstract_params`` (ShapeDtypeStructs with shardings).
-    """
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; saved steps: {steps}")
-    item = {"ema_params": abstract_params}
-    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=args)
-    return restored["ema_params"], step
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, settings: EvalSettings, *,
                         step: int | None = None, reference: str | None = None, output: str | None = None,
                         save_npz: bool = False, max_batches: int | None = None,
                         pr_samples: int = evaluator.DEFAULT_PR_SAMPLES, inception_weights: str | None = None,
                         preprocessing: str = "adm") -> dict[str, Any]:
     """The binary without flags: restore, sample, score, write the metrics JSON; returns the metrics."""
-    info = data.dataset_info(config.data)
-    mesh = sharding.create_mesh(config.mesh)
-    parts = train._ModelParts(config, info)  # pylint: disable=protected-access
-    abstract_params, _ = jax.eval_shape(parts.init)
-    shardings = sharding.state_shardings(abstract_params, mesh, config.fsdp_min_size)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-    params, step = restore_ema_params(workdir, abstract, step)
-    # Non-parameter model state is not checkpointed (empty for DiT); rebuilt as the trainer does.
-    rest = jax.jit(lambda: parts.init()[1], out_shardings=sharding.replicated(mesh))()
+    ema = train.restore_ema(config, workdir, step)
+    mesh, step = ema.mesh, ema.step
     eval_dir = os.path.join(os.path.abspath(workdir), "eval")
     extractor = create_extractor(
         config, reference=reference, mesh=mesh, global_batch_size=settings.per_device_batch * jax.device_count(),
         pr_samples=pr_samples, inception_weights=inception_weights, preprocessing=preprocessing,
         cache_dir=os.path.join(eval_dir, "reference_cache"))
-    evaluate = SampleEvaluator(config, settings, parts=parts, mesh=mesh, param_shardings=shardings,
+    evaluate = SampleEvaluator(config, settings, parts=ema.parts, mesh=mesh, param_shardings=ema.param_shardings,
                                extractor=extractor)
     output_dir = os.path.join(eval_dir, str(step), settings.tag())
-    result = evaluate(params, rest, step, output_dir=output_dir, save_npz=save_npz, max_batches=max_batches)
+    result = evaluate(ema.params, ema.rest, step, output_dir=output_dir, save_npz=save_npz, max_batches=max_batches)
     if reference:
         result["reference"] = os.path.abspath(reference)
     if jax.process_index() == 0:
@@ -355,24 +307,59 @@ def make_in_loop_evaluator(config: ml_collections.ConfigDict, workdir: str, *, p
     return run
 
 
+def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an evaluation result as ``eval/<name>`` scalars for the training log: the
+    metrics and the time taken, without the settings and bookkeeping fields."""
+    skip = {field.name for field in dataclasses.fields(EvalSettings)} | {"step", "samples_done"}
+    return {f"eval/{k}": float(v) for k, v in result.items()
+            if k not in skip and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+def _define_flags() -> None:
+    """The binary's flags, defined only when it runs: the trainer imports this module, and flags
+    defined at import would collide with those of other binaries in the same process."""
+    # The trainer's entry point defines --config, --workdir and the multi-host flags.
+    import tread_jax.main  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_integer("num_samples", None, "Samples to generate (default: config.eval).")
+    flags.DEFINE_string("sampler", None, "Sampler of the objective (flow: euler or heun).")
+    flags.DEFINE_integer("num_steps", None, "Sampling steps (default: config.eval.num_steps).")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = none).")
+    flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only at noise levels in [lo, hi].")
+    flags.DEFINE_string("reference", None, "ADM reference .npz (images and/or mu, sigma).")
+    flags.DEFINE_string("output", None, "Metrics JSON (default: <workdir>/eval/<step>/<settings>/metrics.json).")
+    flags.DEFINE_bool("save_npz", False, "Also write the samples as an ADM-format .npz.")
+    flags.DEFINE_integer("per_device_batch", None, "Samples per device per batch.")
+    flags.DEFINE_integer("seed", None, "Seed of the labels and noise (default: config.seed).")
+    flags.DEFINE_integer("max_batches", None, "Stop after this many batches (progress is kept).")
+    flags.DEFINE_integer("pr_samples", evaluator.DEFAULT_PR_SAMPLES, "Samples kept for precision/recall.")
+    flags.DEFINE_string("inception_weights", None, "pytorch-fid .pth (default: cache/download).")
+    flags.DEFINE_enum("inception_preprocessing", "adm", ["adm", "pytorch_fid"],
+                      "Inception input convention; 'adm' matches ADM's reference statistics.")
+
+
 def main(argv: list[str]) -> None:
+    from tread_jax import main as train_main  # pylint: disable=g-import-not-at-top
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     train_main.initialize_distributed()
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    f = flags.FLAGS
+    config, workdir = f.config, f.workdir
     try:
         settings = settings_from_config(
-            config, data.dataset_info(config.data).num_classes, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value, guidance_scale=_GUIDANCE.value,
-            guidance_interval=_INTERVAL.value, sampler=_SAMPLER.value, seed=_SEED.value,
-            per_device_batch=_PER_DEVICE_BATCH.value)
-        if _REFERENCE.value and not os.path.isfile(_REFERENCE.value):
-            raise FileNotFoundError(f"reference batch not found: {_REFERENCE.value}")
+            config, data.dataset_info(config.data).num_classes, num_samples=f.num_samples, num_steps=f.num_steps,
+            guidance_scale=f.guidance_scale, guidance_interval=f.guidance_interval, sampler=f.sampler, seed=f.seed,
+            per_device_batch=f.per_device_batch)
+        if f.reference and not os.path.isfile(f.reference):
+            raise FileNotFoundError(f"reference batch not found: {f.reference}")
         result = evaluate_checkpoint(
-            config, workdir, settings, step=_STEP.value, reference=_REFERENCE.value, output=_OUTPUT.value,
-            save_npz=_SAVE_NPZ.value, max_batches=_MAX_BATCHES.value, pr_samples=_PR_SAMPLES.value,
-            inception_weights=_INCEPTION_WEIGHTS.value, preprocessing=_PREPROCESSING.value)
+            config, workdir, settings, step=f.step, reference=f.reference, output=f.output,
+            save_npz=f.save_npz, max_batches=f.max_batches, pr_samples=f.pr_samples,
+            inception_weights=f.inception_weights, preprocessing=f.inception_preprocessing)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"tread_jax.evaluate: error: {error}")
     if jax.process_index() == 0:
@@ -380,4 +367,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

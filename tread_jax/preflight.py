@@ -13,7 +13,7 @@ import tempfile
 import jax
 import ml_collections
 
-from tread_jax import data, diffusion, models, routing, sharding
+from tread_jax import checkpoint, data, diffusion, models, routing, sharding
 
 
 def model_settings(model_config: ml_collections.ConfigDict) -> dict:
@@ -52,6 +52,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     if config.num_train_steps <= 0:
         raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
     check_workdir(workdir)
+    # A fine-tune starts from another run's checkpoint, needed only while this run has none.
+    init_from = config.get("init_from", "")
+    if init_from and not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
+        raise FileNotFoundError(f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})")
 
     info = data.dataset_info(config.data)
     height, width, _ = info.image_shape

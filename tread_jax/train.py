@@ -8,6 +8,7 @@ loop syncs with the devices only at log, checkpoint and sample steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,8 +27,9 @@ from absl import logging
 from clu import parameter_overview
 from flax import nnx
 
-from tread_jax import data, diffusion, models, preflight, routing, sharding, train_state
+from tread_jax import checkpoint, data, diffusion, models, preflight, routing, sharding, train_state
 from tread_jax.checkpoint import Checkpointer
+from tread_jax.data import latents
 from tread_jax.logging_utils import (
     NO_BAD_STEP,
     MetricWriter,
@@ -70,8 +72,12 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-class _ModelParts:
-    """The NNX model as a static graph definition plus functions of its parameter pytrees."""
+class ModelParts:
+    """The NNX model as a static graph definition plus functions of its parameter pytrees.
+
+    Shared by the trainer, sampling, evaluation and the benchmarks so that all build the model
+    from the config the same way.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo):
         height, _, channels = info.image_shape
@@ -104,10 +110,61 @@ class _ModelParts:
     def merge(self, params: Any, rest: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params, rest)
 
+    def init_rest(self, mesh: jax.sharding.Mesh) -> Any:
+        """The non-parameter model state, replicated on ``mesh``.
+
+        It is not checkpointed (empty for DiT), so a restored run rebuilds it; XLA drops the
+        unused parameter initialisation.
+        """
+        return compile_everywhere(jax.jit(lambda: self.init()[1], out_shardings=sharding.replicated(mesh)))()
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``abstract`` placed as ``shardings``: the target of a sharded restore."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaWeights:
+    """The EMA parameters of one checkpoint of a training workdir, sharded as in training."""
+
+    parts: ModelParts
+    mesh: jax.sharding.Mesh
+    params: Any
+    param_shardings: Any
+    rest: Any
+    step: int
+
+
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> EmaWeights:
+    """Restores the EMA weights of checkpoint ``step`` (default: the latest) of ``workdir``.
+
+    For sampling and evaluation after (or during) training: the model, mesh and shardings come
+    from ``config`` exactly as in ``train_and_evaluate``. FileNotFoundError without a checkpoint.
+    """
+    parts = ModelParts(config, data.dataset_info(config.data))
+    mesh = sharding.create_mesh(config.mesh)
+    abstract_params, _ = jax.eval_shape(parts.init)
+    param_shardings = sharding.state_shardings(abstract_params, mesh, config.fsdp_min_size)
+    params, step = checkpoint.restore_ema_params(workdir, with_shardings(abstract_params, param_shardings), step)
+    return EmaWeights(parts, mesh, params, param_shardings, parts.init_rest(mesh), step)
+
+
+def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+    """The clean training image of a batch.
+
+    Latent batches carry the VAE posterior (``image`` = scaled mean, ``image_std``); each step
+    trains on a fresh posterior sample unless ``config.data.sample_latents`` is False (then on
+    the stored mean). Pixel batches pass through.
+    """
+    if not config.data.get("sample_latents", True):
+        return batch["image"]
+    return latents.sample_latents(batch, key)
+
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    parts: _ModelParts,
+    parts: ModelParts,
     objective: diffusion.Objective,
     tx: optax.GradientTransformation,
     routes: tuple[routing.Route, ...],
@@ -125,6 +182,8 @@ def make_train_step(
         key = jax.random.fold_in(base_key, state.step)
         label_key, loss_key, route_key = jax.random.split(key, 3)
         labels = diffusion.drop_labels(label_key, batch["label"], config.label_dropout, parts.num_classes)
+        # A fourth stream folded in (not split) so the three above draw what they always drew.
+        x = model_input(config, batch, jax.random.fold_in(key, 3))
 
         def loss_fn(params: Any) -> jax.Array:
             model = parts.merge(params, rest)
@@ -132,7 +191,7 @@ def make_train_step(
             def net(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array) -> jax.Array:
                 return model(x, noise_labels, class_labels, routes=routes, route_key=route_key)
 
-            per_element = objective.loss(net, batch["image"], labels, loss_key)
+            per_element = objective.loss(net, x, labels, loss_key)
             if not version1:
                 return per_element.mean()
             # Version-1 loss: rebuild the model's token selection from the same key (the model
@@ -164,7 +223,7 @@ def make_train_step(
 
 
 def make_sample_fn(
-    parts: _ModelParts, objective: diffusion.Objective, mesh: jax.sharding.Mesh, *, num_steps: int, guidance: float
+    parts: ModelParts, objective: diffusion.Objective, mesh: jax.sharding.Mesh, *, num_steps: int, guidance: float
 ) -> Callable[[Any, Any, jax.Array, int], np.ndarray]:
     """``sample(ema_params, rest, labels, seed) -> images`` (numpy, [-1, 1]), dense, jitted."""
     guide = None if guidance == 1.0 else diffusion.Guidance(scale=guidance, null_class=parts.num_classes)
@@ -218,6 +277,40 @@ def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -
         raise FloatingPointError(f"non-finite loss or gradient at step {bad_step}; stopping ({kept})")
 
 
+def _restore_init_from(source_workdir: str, abstract_state: Any) -> tuple[Any, int]:
+    """The latest train state of another run (a routed run for a dense fine-tune), continuing
+    at its step; the data iterator is not restored, so this run reads a fresh stream."""
+    source = Checkpointer(source_workdir, save_interval_steps=1, max_to_keep=1)
+    try:
+        restored = source.restore_latest(abstract_state)
+    finally:
+        source.close()
+    if restored is None:  # preflight saw checkpoints, but none could be read
+        raise FileNotFoundError(f"init_from {source_workdir!r} holds no usable checkpoint")
+    _say(f"initialised from {source.directory} step {restored[1]}")
+    return restored
+
+
+def _grid_writer(data_config: ml_collections.ConfigDict, directory: str) -> Callable[..., list[str]]:
+    """``save(images, labels, prefix, *, per_class_files)``: sample grids as PNG (process 0).
+
+    Latent samples are decoded to pixels first, by the dataset's VAE, loaded at the first grid
+    so that runs without grids never load it.
+    """
+    decoder = None
+
+    def save(images: np.ndarray, labels: np.ndarray, prefix: str, *, per_class_files: bool) -> list[str]:
+        nonlocal decoder
+        if jax.process_index() != 0:
+            return []
+        if not data.DATASETS[data_config.name].pixel_space:
+            decoder = decoder or latents.image_decoder(data_config.vae)
+            images = decoder(images)
+        return save_class_grids(images, labels, directory, prefix, per_class_files=per_class_files)
+
+    return save
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` when it holds checkpoints), then runs the quality report.
 
@@ -230,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.create_mesh(config.mesh)
     objective = diffusion.create_objective(config.diffusion)
     tx = train_state.create_optimizer(config.optim)
-    parts = _ModelParts(config, info)
+    parts = ModelParts(config, info)
     _say(
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}; model {config.model.name} {dict(config.model.get('overrides', {}) or {})}, "
@@ -256,18 +349,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = Checkpointer(
         workdir, save_interval_steps=config.checkpoint_every, max_to_keep=config.max_to_keep
     )
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-    )
+    abstract_sharded = with_shardings(abstract_state, state_sharding)
     restored = checkpointer.restore_latest(abstract_sharded, data_iterator)
+    if restored is not None:
+        _say(f"resumed from checkpoint step {restored[1]}")
+    elif config.get("init_from", ""):
+        restored = _restore_init_from(config.init_from, abstract_sharded)
     if restored is None:
         state, rest = init_jit()
         _say("starting from scratch")
     else:
-        state, start = restored
-        # Non-parameter model state is not checkpointed; it is rebuilt (XLA drops the unused init).
-        rest = compile_everywhere(jax.jit(lambda: init()[1], out_shardings=rest_sharding))()
-        _say(f"resumed from checkpoint step {start}")
+        state, _ = restored
+        rest = parts.init_rest(mesh)
     start_step = int(to_host(state.step))
 
     writer = MetricWriter(workdir)
@@ -290,8 +383,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     sample_cfg = config.sample
     sampler = make_sample_fn(parts, objective, mesh, num_steps=sample_cfg.num_steps, guidance=sample_cfg.guidance)
-    grid_labels = np.repeat(np.arange(info.num_classes), sample_cfg.per_class)
-    samples_dir = os.path.join(workdir, "samples")
+    grid_labels = np.repeat(sample_cfg.get("classes", None) or np.arange(info.num_classes), sample_cfg.per_class)
+    save_grids = _grid_writer(config.data, os.path.join(workdir, "samples"))
+    # Imported here because evaluate imports this module (for ModelParts and restore_ema).
+    from tread_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    eval_every = config.eval.get("every", 0)
+    in_loop_eval = evaluate.make_in_loop_evaluator(
+        config, workdir, parts=parts, mesh=mesh, param_shardings=state_sharding.ema_params
+    )
 
     total = config.num_train_steps
     stop = _StopSignal()
@@ -333,7 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpointer.save(done, state, data_iterator)
             if sample_cfg.every and (done % sample_cfg.every == 0 or done == total):
                 images = sampler(state.ema_params, rest, grid_labels, config.seed)
-                save_class_grids(images, grid_labels, samples_dir, f"step_{done:07d}", per_class_files=done == total)
+                save_grids(images, grid_labels, f"step_{done:07d}", per_class_files=done == total)
+            if in_loop_eval is not None and done % eval_every == 0:
+                writer.write_scalars(done, evaluate.scalar_metrics(in_loop_eval(state.ema_params, rest, done)))
             if stopping:
                 checkpointer.wait()
                 _say(f"stop requested ({'preemption' if preempted else 'SIGTERM'}): saved step {done}, exiting")
@@ -354,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def quality_report(
     config: ml_collections.ConfigDict,
     workdir: str,
-    parts: _ModelParts,
+    parts: ModelParts,
     objective: diffusion.Objective,
     mesh: jax.sharding.Mesh,
     state: train_state.TrainState,

@@ -97,20 +97,27 @@ def sample_latents(batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
     return x + batch["image_std"] * jax.random.normal(key, x.shape, x.dtype)
 
 
-def image_decoder(vae: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Scaled latents [N, h, w, 4] -> images [N, 8h, 8w, 3] in [-1, 1], through the VAE ``vae``.
+def vae_decoder(vae: str) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(decode, params)``: pure ``decode(params, latents)`` from scaled latents [N, h, w, 4] to
+    images [N, 8h, 8w, 3] in [-1, 1], for use inside jitted programs.
 
-    ``vae`` is a diffusers folder or "stabilityai/sd-vae-ft-ema". For sample grids on one device
-    of this process: samples are few and the result is needed on the host anyway.
+    ``vae`` is a diffusers folder or "stabilityai/sd-vae-ft-ema".
     """
     from tread_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top  # heavy, optional
 
     model, _ = vae_lib.load_vae(vae)
     graphdef, params = nnx.split(model)
 
-    @jax.jit
-    def run(params: Any, latents: jax.Array) -> jax.Array:
+    def decode(params: Any, latents: jax.Array) -> jax.Array:
         # SCALE, not the folder's scaling_factor: it undoes exactly what ``decode`` applied.
         return jnp.clip(vae_lib.decode(graphdef, params, latents / SCALE), -1.0, 1.0)
 
+    return decode, params
+
+
+def image_decoder(vae: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Host-side :func:`vae_decoder` on one device of this process, for sample grids: samples
+    are few and the result is needed on the host anyway."""
+    decode, params = vae_decoder(vae)
+    run = jax.jit(decode)
     return lambda latents: np.asarray(run(params, jnp.asarray(latents, jnp.float32)))

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -44,20 +43,10 @@ def pixel_decoder(data_config: ml_collections.ConfigDict) -> tuple[
     pixel datasets. ``decode`` is pure, for use inside a jitted sampler or feature program."""
     if pipeline.DATASETS[data_config.name].pixel_space:
         return None, ()
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
     from tread_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top  # heavy, optional
     from tread_jax.data import latents  # pylint: disable=g-import-not-at-top
 
-    vae_name = data_config.get("vae") or vae_lib.SD_VAE_REPO
-    model, _ = vae_lib.load_vae(vae_name)
-    graphdef, params = nnx.split(model)
-
-    def decode(params: Any, x: jax.Array) -> jax.Array:
-        # latents.SCALE, not the folder's scaling_factor: it undoes what the dataset applied.
-        return jnp.clip(vae_lib.decode(graphdef, params, x / latents.SCALE), -1.0, 1.0)
-
-    return decode, params
+    return latents.vae_decoder(data_config.get("vae") or vae_lib.SD_VAE_REPO)
 
 
 def dataset_images_fn(data_config: ml_collections.ConfigDict, split: str,
