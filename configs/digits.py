@@ -4,12 +4,14 @@ Command (from the repository root):
 
     python -m tread_jax.main --config=configs/digits.py --workdir=/tmp/tread_digits
 
-Expected result (measured on the shared 2-core CPU, load average ~2): compile 11.5 s, 2000
-steps at 6.2-7.0 steps/s (5m23s), whole command 5m57s; quality report with EMA weights, 1000
-samples, Heun 18 steps, guidance 1: accuracy 0.949, Frechet distance 1.81 against a real
-train-vs-test floor of 1.00 (ratio 1.81). This is short of the issue's bar (>= 0.95, <= 1.5x):
-the step runs at about 60% of the prototype's 11.5 steps/s, so 5 minutes buys ~2000 steps
-instead of ~3400; the raw (non-EMA) weights at 1500 steps scored 0.88-0.90.
+Measured (shared 2-core CPU, other jobs running, load average 1.5-2.6): compile 15 s,
+2200 steps at a median 8.6 steps/s (8.5-9.0 when the machine was otherwise quiet), training
+loop 5m29s (4.8 steps/s for its first 500 steps while a test run shared the CPU; ~4m35s
+without it), whole command 6m04s; quality report with EMA weights, 1000 samples, Heun 18
+steps, guidance 1: accuracy 0.955, Frechet distance 1.74 against a real train-vs-test floor of
+1.00 (ratio 1.74). Accuracy meets the issue's bar (>= 0.95, narrowly); the distance does not
+(<= 1.5x). EMA decay was the tried lever: 0.998 over 2400 steps gave 0.924 / 1.80x, 0.99 over
+2300 steps 0.952 / 1.83x, so 0.995 stays.
 
 Model: DiT with 6 blocks of width 128 and 4 heads, patch 2 (16 tokens per 8x8 digit), one
 TREAD route sending half the tokens around blocks 1..3. EDM objective, Adam 1e-3 with a
@@ -42,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = data.default_config()
     config.global_batch_size = 64
-    config.num_train_steps = 2000
+    config.num_train_steps = 2200
 
     config.optim = ml_collections.ConfigDict(
         dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, grad_clip=0.0)
