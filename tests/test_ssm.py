@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 import torch
 from flax import nnx
 
-from tread_jax import routing
+import trainer_testlib as tl
+from tread_jax import routing, train
 from tread_jax.diffusion import EDM
 from tread_jax.models import create_model
 from tread_jax.models.layers import sincos_pos_embed_2d, unpatchify
@@ -293,3 +296,22 @@ def test_bad_model_settings_are_rejected():
         SSM(input_size=8, scan_paths=("row", "spiral"), rngs=rngs(0), **TINY)
     with pytest.raises(ValueError, match="scan_method"):
         SSM(input_size=8, scan_method="fft", rngs=rngs(0), **TINY)
+
+
+def test_digits_variant_trains_through_the_trainer(tmp_path):
+    config = tl.load_config(variant="ssm")
+    assert config.model.name == "SSM-S/2" and config.routes
+    # The variant's backbone and route, shrunk to a few cheap steps.
+    config.model.overrides = dict(config.model.overrides, depth=2, hidden_size=16, d_state=4)
+    config.routes = [dict(start=0, end=0, ratio=0.5)]
+    config.data.data_dir = str(tmp_path / "data")
+    config.global_batch_size = 16
+    config.num_train_steps = 3
+    config.log_every = 1
+    config.checkpoint_every = 3
+    config.sample.every = 0
+    config.eval.report = ""
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+    logged = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in logged if "loss" in m]
+    assert len(losses) == 3 and np.all(np.isfinite(losses))

@@ -23,11 +23,12 @@ DIGITS_CONFIG = REPO / "configs" / "digits.py"
 COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"tread_jax_test_compilation_cache_{os.getuid()}"
 
 
-def load_config(path: Path = DIGITS_CONFIG) -> ml_collections.ConfigDict:
+def load_config(path: Path = DIGITS_CONFIG, variant: str | None = None) -> ml_collections.ConfigDict:
+    """A config file's config, as ``--config=path[:variant]`` would load it."""
     spec = importlib.util.spec_from_file_location("config_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def enable_compilation_cache() -> None:
