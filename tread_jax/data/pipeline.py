@@ -180,13 +180,10 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     )
 
 
-def load_split_arrays(
+def split_reader(
     data_config: ml_collections.ConfigDict, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """All decoded images (f32 [N, H, W, C]) and labels (i32 [N]) of a split, in stored order.
-
-    Meant for small data: the digits quality report and evaluation reference statistics.
-    """
+) -> tuple[Callable[[Sequence[int]], dict[str, np.ndarray]], int]:
+    """``(read, size)``: ``read(indices)`` decodes those records of a split (stored order)."""
     spec = _spec(data_config)
     builder = _open_builder(data_config)
     if split not in builder.info.splits:
@@ -194,8 +191,19 @@ def load_split_arrays(
             f"dataset {data_config.name!r} has no split {split!r}; "
             f"splits: {', '.join(sorted(builder.info.splits))}"
         )
-    source = builder.as_data_source(split=split)
-    batch = spec.decode(_RecordReader(source).read(range(len(source))))
+    reader = _RecordReader(builder.as_data_source(split=split))
+    return (lambda indices: spec.decode(reader.read(indices))), len(reader)
+
+
+def load_split_arrays(
+    data_config: ml_collections.ConfigDict, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """All decoded images (f32 [N, H, W, C]) and labels (i32 [N]) of a split, in stored order.
+
+    Meant for small data: the digits quality report and evaluation reference statistics.
+    """
+    read, size = split_reader(data_config, split)
+    batch = read(range(size))
     return batch["image"], batch["label"]
 
 

@@ -56,13 +56,7 @@ def dataset_images_fn(data_config: ml_collections.ConfigDict, split: str,
     Each process reads only its share of every global batch (padding indices past the end
     read the last record; ``run`` ignores those rows).
     """
-    spec = pipeline._spec(data_config)  # pylint: disable=protected-access
-    builder = pipeline._open_builder(data_config)  # pylint: disable=protected-access
-    if split not in builder.info.splits:
-        raise ValueError(f"dataset {data_config.name!r} has no split {split!r}; splits: "
-                         f"{', '.join(sorted(builder.info.splits))}")
-    reader = pipeline._RecordReader(builder.as_data_source(split=split))  # pylint: disable=protected-access
-    size = len(reader)
+    read, size = pipeline.split_reader(data_config, split)
     decode, decoder_params = pixel_decoder(data_config)
     batch = sharding.batch_sharding(mesh)
     if decode is not None:
@@ -73,7 +67,7 @@ def dataset_images_fn(data_config: ml_collections.ConfigDict, split: str,
     def images_fn(indices: np.ndarray) -> jax.Array:
         share = len(indices) // jax.process_count()
         mine = indices[jax.process_index() * share:(jax.process_index() + 1) * share]
-        local = spec.decode(reader.read(np.minimum(mine, size - 1)))["image"]
+        local = read(np.minimum(mine, size - 1))["image"]
         x = jax.make_array_from_process_local_data(batch, local,
                                                    (len(indices), *local.shape[1:]))
         return x if decode is None else decode(decoder_params, x)
