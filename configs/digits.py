@@ -42,8 +42,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.name = "DiT-S/2"  # named size, then resized by the overrides below
     config.model.overrides = dict(depth=6, hidden_size=128, num_heads=4)
     config.model.compute_dtype = "float32"  # bfloat16 on accelerators
+    config.model.scan_blocks = False  # scan over stretches of blocks (faster compiles, deep models)
+    config.model.remat = "none"  # activation checkpointing per block: "none", "dots" or "full"
     # TREAD routes: blocks start..end (0-based, inclusive) see 1 - ratio of the tokens.
-    config.routes = [dict(start=1, end=3, ratio=0.5)]
+    config.routes = (dict(start=1, end=3, ratio=0.5),)
     # Version-1 loss (kept-token loss + mae_coef x routed-token loss); off = version 3.
     config.route_loss = ml_collections.ConfigDict(dict(enabled=False, mae_coef=0.0))
 
@@ -55,7 +57,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_steps = 2200
 
     config.optim = ml_collections.ConfigDict(
-        dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, grad_clip=0.0)
+        dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, decay_steps=0,
+             grad_clip=0.0)
     )
     config.ema_decay = 0.995
 
@@ -69,7 +72,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # Periodic sample grids from the EMA weights: per_class samples of every class.
     config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, guidance=1.0))
     # End-of-run quality report ("digits": classifier accuracy and Frechet distance; "" = none).
-    config.eval = ml_collections.ConfigDict(dict(report="digits", samples_per_class=100, num_steps=18, guidance=1.0))
+    # num_samples 0: one sample per training digit, with its label (the floor's N and class mix).
+    config.eval = ml_collections.ConfigDict(dict(report="digits", num_samples=0, num_steps=18, guidance=1.0))
 
     if variant == "ssm":
         config.model.name = "SSM-S/2"

@@ -63,7 +63,8 @@ done
 for override in "${OVERRIDES[@]}"; do
   [[ $override == --config.* ]] || die "after --, only config overrides like --config.num_train_steps=100, got '$override'"
 done
-[[ -f $REPO_ROOT/$CONFIG || -f $CONFIG ]] || die "config file '$CONFIG' not found"
+# A config may name a variant after the file: configs/imagenet256.py:dit_xl2_tread.
+[[ -f $REPO_ROOT/${CONFIG%%:*} || -f ${CONFIG%%:*} ]] || die "config file '${CONFIG%%:*}' not found"
 
 run cd "$REPO_ROOT"
 

@@ -98,7 +98,8 @@ if [[ -n $PORT ]] && ((PORT > 65535)); then die "--port $PORT is not a TCP port"
 for override in "${OVERRIDES[@]}"; do
   [[ $override == --config.* ]] || die "after --, only config overrides like --config.num_train_steps=100, got '$override'"
 done
-[[ -f $REPO_ROOT/$CONFIG ]] || die "config file '$CONFIG' not found under $REPO_ROOT"
+# A config may name a variant after the file: configs/imagenet256.py:dit_xl2_tread.
+[[ -f $REPO_ROOT/${CONFIG%%:*} ]] || die "config file '${CONFIG%%:*}' not found under $REPO_ROOT"
 WORKDIR=${WORKDIR:-$HOME/tread_jax_runs/$JOB_NAME}
 # #SBATCH lines take no quoting: paths with whitespace cannot be written there.
 for path in "$WORKDIR" "$REPO_ROOT"; do

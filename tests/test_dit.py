@@ -253,3 +253,53 @@ def test_bfloat16_compute_and_float32_after_route():
         )
         == [bf] * 4
     )
+
+
+def test_scanned_and_rematerialised_blocks_compute_the_same():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([-1.0, 0.5]), jnp.array([3, 10])
+    routes = (Route(1, 2, 0.5),)  # stretches: block 0, the route 1..2 (scanned), block 3
+
+    def value_and_grad(**options):
+        graphdef, params = nnx.split(_tiny(jnp.float32, **options), nnx.Param)
+
+        def loss(params):
+            out = nnx.merge(graphdef, params)(x, t, y, routes=routes, route_key=jax.random.key(3))
+            return jnp.mean(jnp.square(out)), out
+
+        fn = jax.value_and_grad(loss, has_aux=True)
+        return jax.jit(fn)(params), str(jax.make_jaxpr(fn)(params))
+
+    ((_, reference), reference_grads), plain = value_and_grad()
+    assert " scan[" not in plain and " remat" not in plain
+    for options in (dict(scan_blocks=True), dict(remat="full")):
+        ((_, out), grads), program = value_and_grad(**options)
+        assert (" scan[" in program) == options.get("scan_blocks", False), options
+        assert (" remat" in program) == ("remat" in options), options
+        np.testing.assert_allclose(out, reference, atol=1e-5 * float(jnp.abs(reference).max()))
+        for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+            np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()) + 1e-12)
+
+
+def test_scanned_blocks_keep_the_float32_block_after_a_route():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([-1.0, 0.5]), jnp.array([3, 10])
+    bf, f = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    model = _tiny(jnp.bfloat16, scan_blocks=True, remat="dots")
+    # Program order: block 0, one scan body for the route's blocks 1..2, then block 3 in float32.
+    assert _qkv_input_dtypes(model, x, t, y, (Route(1, 2, 0.5),)) == [bf, bf, f]
+    # Dense, blocks 0..3 form one stretch: a single scan body.
+    assert _qkv_input_dtypes(model, x, t, y, ()) == [bf]
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("DiT-S/2", dict(remat="some"), "unknown remat policy 'some'; known: none, dots, full"),
+        ("SSM-S/2", dict(scan_blocks=True), "SSM blocks differ by more than their weights"),
+    ],
+)
+def test_bad_block_options_raise(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        nnx.eval_shape(lambda: create_model(name, input_size=8, in_channels=4, num_classes=10,
+                                            rngs=nnx.Rngs(0), **options))

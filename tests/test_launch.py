@@ -281,6 +281,11 @@ def test_gpu_single_node_dry_run():
     ]
 
 
+def test_gpu_single_node_passes_a_config_variant():
+    _, train = dry_run(GPU, "--config", "configs/imagenet256.py:dit_xl2_tread")
+    assert "--config=configs/imagenet256.py:dit_xl2_tread" in train
+
+
 def test_gpu_single_node_defaults_use_every_gpu_in_one_process():
     cd, train = dry_run(GPU, "--cuda", "13", "--log", "/tmp/t.log")
     assert train[:5] == ["python3", "-m", "tread_jax.main", "--config=configs/digits.py", "--workdir=/tmp/tread_jax_gpu"]
@@ -353,7 +358,9 @@ def test_slurm_one_task_per_node(tmp_path):
 
 
 def test_slurm_one_task_per_gpu():
-    script, _ = sbatch_dry_run("--task-per", "gpu", "--gpus-per-node", "4")
+    script, _ = sbatch_dry_run("--task-per", "gpu", "--gpus-per-node", "4",
+                               "--config", "configs/imagenet256.py:dit_xl2_tread")
+    assert "--config=configs/imagenet256.py:dit_xl2_tread" in srun_argv(script)
     opts = sbatch_options(script)
     assert {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-task=1", "--cpus-per-task=8"} <= set(opts)
     assert not any(o.startswith("--gpus-per-node") for o in opts)

@@ -15,10 +15,16 @@ from tread_jax.routing import Route
 DEPTH = 6
 
 
-def affine_block(i, x, positions=None):
+def affine_block(i, x):
     """A block whose effect on every token is distinct, elementwise and easy to replay."""
-    del positions
     return x * (1.0 + 0.1 * (i + 1)) + (i + 1)
+
+
+def affine_blocks(blocks, x, positions):
+    del positions
+    for i in blocks:
+        x = affine_block(i, x)
+    return x
 
 
 @pytest.mark.parametrize("num_tokens,ratio", [(16, 0.5), (17, 0.5), (16, 0.25), (10, 0.75), (7, 0.9)])
@@ -49,7 +55,7 @@ def test_routed_tokens_skip_the_span_and_kept_tokens_run_it():
     x = jax.random.normal(jax.random.key(0), (5, 16, 3))
     route = Route(1, 3, 0.5)
     key = jax.random.key(7)
-    out = routing.apply_blocks(affine_block, x, DEPTH, (route,), key)
+    out = routing.apply_blocks(affine_blocks, x, DEPTH, (route,), key)
     (idx,) = routing.kept_indices(key, (route,), 5, 16)
     kept = np.zeros((5, 16), bool)
     kept[np.arange(5)[:, None], np.asarray(idx)] = True
@@ -68,7 +74,7 @@ def test_vectorised_transform_matches_per_sample_loop():
     x = jax.random.normal(jax.random.key(2), (4, 12, 5))
     routes = (Route(0, 1, 0.5), Route(3, 4, 0.25))
     key = jax.random.key(11)
-    out = routing.apply_blocks(affine_block, x, DEPTH, routes, key)
+    out = routing.apply_blocks(affine_blocks, x, DEPTH, routes, key)
     indices = [np.asarray(i) for i in routing.kept_indices(key, routes, 4, 12)]
     expected = np.array(x)
     for b in range(4):
@@ -94,15 +100,18 @@ def test_vectorised_transform_matches_per_sample_loop():
 def test_blocks_are_told_the_positions_of_the_tokens_they_see(keep_order):
     routes = (Route(1, 2, 0.5), Route(4, 5, 0.25), Route(6, 6, 0.0))
     batch, num_tokens, depth, key = 3, 20, 7, jax.random.key(5)
-    seen = {}
+    seen, stretches = {}, []
 
-    def record(i, x, positions):
-        # Each token carries its own original position as its value.
-        seen[i] = (np.asarray(x[..., 0]).astype(int), None if positions is None else np.asarray(positions))
+    def record(blocks, x, positions):
+        stretches.append(blocks)
+        for i in blocks:  # each token carries its own original position as its value
+            seen[i] = (np.asarray(x[..., 0]).astype(int), None if positions is None else np.asarray(positions))
         return x
 
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.float32)[None, :, None], (batch, num_tokens, 1))
     routing.apply_blocks(record, tokens, depth, routes, key, keep_order=keep_order)
+    # One call per stretch of blocks that see the same tokens; the ratio-0 route joins the dense part.
+    assert stretches == [range(0, 1), range(1, 3), range(3, 4), range(4, 6), range(6, 7)]
     kept = routing.kept_indices(key, routes[:2], batch, num_tokens, keep_order=keep_order)
     expected = [None, kept[0], kept[0], None, kept[1], kept[1], None]  # ratio 0 runs densely
     for i in range(depth):
@@ -143,7 +152,7 @@ def test_parse_routes_accepts_config_forms():
 
 def test_route_without_key_is_an_error():
     with pytest.raises(ValueError, match="route_key"):
-        routing.apply_blocks(affine_block, jnp.zeros((1, 8, 2)), DEPTH, (Route(1, 2),), None)
+        routing.apply_blocks(affine_blocks, jnp.zeros((1, 8, 2)), DEPTH, (Route(1, 2),), None)
 
 
 def tiny_dit(**kwargs):

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -33,6 +34,7 @@ def data_dir(tmp_path_factory) -> str:
         ({"mesh.fsdp": 3}, ValueError, r"does not divide the 1 devices"),
         ({"global_batch_size": 0}, ValueError, r"global_batch_size 0 is not divisible"),
         ({"data.name": "imagenet"}, ValueError, r"unknown dataset 'imagenet'"),
+        ({"optim.decay_steps": 2}, ValueError, r"decay_steps \(2\) must exceed optim.warmup_steps \(2\)"),
     ],
 )
 def test_bad_config_fails_before_any_work(data_dir, tmp_path, changes, error, message):
@@ -58,21 +60,29 @@ def test_missing_dataset_and_unwritable_workdir(data_dir, tmp_path, monkeypatch)
         train.train_and_evaluate(tl.tiny_config(data_dir), str(blocker / "run"))
 
 
-def test_main_reports_a_bad_flag_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model.name=DiT-Q/2", "unknown model 'DiT-Q/2'; known:"),
+        # Routes are overridable on the command line (a tuple literal), and checked like the rest.
+        ("--config.routes=((1, 3, 0.5), (2, 5, 0.5))", "routes Route(start=1, end=3, ratio=0.5) and "
+                                                       "Route(start=2, end=5, ratio=0.5) overlap"),
+    ],
+)
+def test_main_reports_a_bad_flag_in_one_line(tmp_path, flag, message):
     done = subprocess.run(
-        [sys.executable, "-m", "tread_jax.main", f"--config={tl.DIGITS_CONFIG}", f"--workdir={tmp_path}",
-         "--config.model.name=DiT-Q/2"],
+        [sys.executable, "-m", "tread_jax.main", f"--config={tl.DIGITS_CONFIG}", f"--workdir={tmp_path}", flag],
         cwd=tl.REPO, env=tl.subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("tread_jax: error: unknown model 'DiT-Q/2'; known:")
+    assert done.stderr.strip().splitlines()[-1].startswith("tread_jax: error: " + message)
     assert "Traceback" not in done.stderr
 
 
 def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path):
     config = tl.tiny_config(
         data_dir, log_every=2, **{"sample.every": 4, "sample.per_class": 2, "sample.num_steps": 3,
-                                  "eval.report": "digits", "eval.samples_per_class": 3, "eval.num_steps": 3},
+                                  "eval.report": "digits", "eval.num_samples": 30, "eval.num_steps": 3},
     )
     result = train.train_and_evaluate(config, str(tmp_path))
 
@@ -114,6 +124,16 @@ def test_ema_decay_inside_the_step(data_dir):
     start, after, _ = _one_step(tl.tiny_config(data_dir, ema_decay=1.0))
     jax.tree.map(np.testing.assert_array_equal, after.ema_params, start.params)
     assert int(after.step) == 1
+
+
+def test_learning_rate_warmup_then_constant_or_cosine_decay():
+    optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=10, decay_steps=0))
+    constant = train_state.learning_rate_schedule(optim)
+    np.testing.assert_allclose([constant(s) for s in (0, 5, 10, 1000)], [0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+    optim.decay_steps = 110
+    cosine = train_state.learning_rate_schedule(optim)
+    # Halfway through the decay, cos(pi/2) leaves half the peak; at decay_steps, nothing.
+    np.testing.assert_allclose([cosine(s) for s in (5, 10, 60, 110)], [5e-4, 1e-3, 5e-4, 0], atol=1e-9)
 
 
 def test_version1_route_loss_differs_from_the_plain_mean(data_dir):

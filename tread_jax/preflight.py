@@ -13,7 +13,7 @@ import tempfile
 import jax
 import ml_collections
 
-from tread_jax import checkpoint, data, diffusion, models, routing, sharding
+from tread_jax import checkpoint, data, diffusion, models, routing, sharding, train_state
 
 
 def model_settings(model_config: ml_collections.ConfigDict) -> dict:
@@ -38,6 +38,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     settings = model_settings(config.model)
     routing.validate_routes(routing.parse_routes(config.routes), settings["depth"])
     diffusion.create_objective(config.diffusion)
+    train_state.learning_rate_schedule(config.optim)
 
     data_size, fsdp_size = sharding.mesh_shape(config.mesh, jax.device_count())
     parallel = data_size * fsdp_size

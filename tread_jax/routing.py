@@ -105,7 +105,7 @@ def scatter_tokens(full: jax.Array, kept: jax.Array, idx: jax.Array) -> jax.Arra
 
 
 def apply_blocks(
-    block_fn: Callable[[int, jax.Array, jax.Array | None], jax.Array],
+    run_blocks: Callable[[range, jax.Array, jax.Array | None], jax.Array],
     x: jax.Array,
     depth: int,
     routes: Sequence[Route],
@@ -113,30 +113,28 @@ def apply_blocks(
     *,
     keep_order: bool = False,
 ) -> jax.Array:
-    """Runs ``block_fn(i, x, positions)`` for ``i in range(depth)`` over ``x: [B, N, D]``.
+    """Runs blocks ``0..depth-1`` over ``x: [B, N, D]`` as stretches ``run_blocks(blocks, x, positions)``.
 
-    ``positions`` is ``None`` where a block sees the whole sequence, and inside a route the
-    ``[B, K]`` original positions of the kept tokens it sees (for blocks that depend on token
-    order, such as scans). Routes that drop no token (ratio 0, or too few tokens) run densely,
-    bit for bit.
+    Each call covers a ``range`` of consecutive blocks that see the same tokens: a whole route,
+    or a dense stretch between routes (so a caller may scan over a stretch's layers).
+    ``positions`` is ``None`` where the blocks see the whole sequence, and inside a route the
+    ``[B, K]`` original positions of the kept tokens (for blocks that depend on token order,
+    such as scans). Routes that drop no token (ratio 0, or too few tokens) run densely, bit for
+    bit.
     """
     routes = active_routes(validate_routes(routes, depth), x.shape[1])
     if routes and key is None:
         raise ValueError("routing needs a route_key")
     indices = kept_indices(key, routes, x.shape[0], x.shape[1], keep_order=keep_order) if routes else ()
-    route_at = {r.start: (r, idx) for r, idx in zip(routes, indices)}
-    i = 0
-    while i < depth:
-        if i not in route_at:
-            x = block_fn(i, x, None)
-            i += 1
-            continue
-        route, idx = route_at[i]
-        kept = gather_tokens(x, idx)
-        for j in range(route.start, route.end + 1):
-            kept = block_fn(j, kept, idx)
+    start = 0
+    for route, idx in zip(routes, indices):
+        if start < route.start:
+            x = run_blocks(range(start, route.start), x, None)
+        kept = run_blocks(range(route.start, route.end + 1), gather_tokens(x, idx), idx)
         x = scatter_tokens(x, kept, idx)
-        i = route.end + 1
+        start = route.end + 1
+    if start < depth:
+        x = run_blocks(range(start, depth), x, None)
     return x
 
 

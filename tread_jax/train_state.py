@@ -27,7 +27,15 @@ class TrainState:
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """Constant learning rate (DESIGN default), after an optional linear warmup from 0."""
+    """Linear warmup from 0 over ``warmup_steps``, then constant (DESIGN default) or, with
+    ``decay_steps`` > 0, a cosine decay that reaches 0 at step ``decay_steps``."""
+    decay_steps = optim.get("decay_steps", 0)
+    if decay_steps > 0:
+        if decay_steps <= optim.warmup_steps:
+            raise ValueError(f"optim.decay_steps ({decay_steps}) must exceed optim.warmup_steps "
+                             f"({optim.warmup_steps})")
+        return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                                  decay_steps)
     if optim.warmup_steps > 0:
         return optax.warmup_constant_schedule(0.0, optim.learning_rate, optim.warmup_steps)
     return optax.constant_schedule(optim.learning_rate)

@@ -19,15 +19,34 @@ from tread_jax.models.layers import (
 )
 
 
+# Activation checkpointing (``remat``) policies: which block intermediates the backward pass
+# keeps instead of recomputing. "dots" keeps the matmul outputs and recomputes the cheap
+# elementwise work; "full" keeps only each block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class Backbone(nnx.Module):
     """Patch and position embedding, timestep + label conditioning, routed blocks, final layer.
 
-    Subclasses build ``self.blocks`` and define ``run_block``. ``noise_labels`` are whatever the
-    objective feeds the timestep embedder (EDM: ln(sigma)/4); label ``num_classes`` is the null
-    class. Routing is applied only when ``routes`` are given (training, or sparse guidance).
+    Subclasses build ``self.blocks`` (one module per block) and define ``block_args``.
+    ``noise_labels`` are whatever the objective feeds the timestep embedder (EDM: ln(sigma)/4);
+    label ``num_classes`` is the null class. Routing is applied only when ``routes`` are given
+    (training, or sparse guidance).
+
+    ``scan_blocks`` runs each stretch of consecutive blocks that see the same tokens as one
+    ``lax.scan`` over their parameters, stacked at call time, so the program holds one block per
+    stretch instead of one per layer; the stored parameters keep their per-block layout, so
+    checkpoints and weight conversion do not depend on it. On XLA:CPU it compiles DiT-XL/2's
+    step slower, not faster (benchmarks/README.md); it is there for accelerators, where it is
+    not measured yet. ``remat`` is a key of ``REMAT_POLICIES``.
     """
 
     keep_order = False  # True for blocks that depend on token order (scans)
+    scannable = True  # False where blocks differ in more than their weights
 
     def __init__(
         self,
@@ -42,6 +61,8 @@ class Backbone(nnx.Module):
         compute_dtype: jnp.dtype = jnp.float32,
         float32_after_route: bool = True,
         timestep_freq_shift: int = 0,
+        scan_blocks: bool = False,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         if input_size % patch_size:
@@ -54,16 +75,45 @@ class Backbone(nnx.Module):
         self.num_classes = num_classes
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.float32_after_route = float32_after_route
+        if scan_blocks and not self.scannable:
+            raise ValueError(f"{type(self).__name__} blocks differ by more than their weights; "
+                             "scan_blocks is not supported")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; known: {', '.join(REMAT_POLICIES)}")
+        self.scan_blocks = scan_blocks
+        self.remat = remat
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size, rngs=rngs)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, rngs=rngs)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, rngs=rngs)
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, rngs=rngs)
 
-    def run_block(
-        self, i: int, h: jax.Array, c: jax.Array, positions: jax.Array | None, grid: tuple[int, int]
-    ) -> jax.Array:
-        """Block ``i`` on tokens ``h`` (``positions``: see ``routing.apply_blocks``)."""
+    def block_args(self, i: int, positions: jax.Array | None, grid: tuple[int, int]) -> tuple:
+        """Arguments of block ``i`` after ``(tokens, conditioning)`` (``positions``: see
+        ``routing.apply_blocks``)."""
         raise NotImplementedError
+
+    def run_blocks(
+        self, blocks: range, h: jax.Array, c: jax.Array, positions: jax.Array | None, grid: tuple[int, int]
+    ) -> jax.Array:
+        """Blocks ``blocks`` in order on tokens ``h``, scanned and rematerialised as configured."""
+        policy = REMAT_POLICIES[self.remat]
+        graphdef, _ = nnx.split(self.blocks[blocks[0]])
+
+        def call(state: nnx.State, h: jax.Array, *args) -> jax.Array:
+            return nnx.merge(graphdef, state)(h, c, *args)
+
+        if policy is not None:
+            call = jax.checkpoint(call, policy=policy)
+        if self.scan_blocks and len(blocks) > 1:
+            # Blocks of one stretch share their arguments (``scannable``), so they stack.
+            args = self.block_args(blocks[0], positions, grid)
+            stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.state(self.blocks[i]) for i in blocks))
+            h, _ = jax.lax.scan(lambda h, state: (call(state, h, *args), None), h, stacked)
+            return h
+        for i in blocks:
+            args = self.block_args(i, positions, grid)
+            h = self.blocks[i](h, c, *args) if policy is None else call(nnx.state(self.blocks[i]), h, *args)
+        return h
 
     def __call__(
         self,
@@ -84,14 +134,15 @@ class Backbone(nnx.Module):
         if self.float32_after_route and self.compute_dtype != jnp.float32:
             after_route = routing.blocks_after_routes(routes, tokens.shape[1])
 
-        def block_fn(i: int, h: jax.Array, positions: jax.Array | None) -> jax.Array:
-            if i in after_route:  # as the published code: the block that re-merges runs in float32
-                out = self.run_block(i, h.astype(jnp.float32), c.astype(jnp.float32), positions, grid)
-                return out.astype(h.dtype)
-            return self.run_block(i, h, c, positions, grid)
+        def run_blocks(blocks: range, h: jax.Array, positions: jax.Array | None) -> jax.Array:
+            if blocks[0] in after_route:  # as the published code: the block that re-merges runs in float32
+                first = blocks[:1]
+                h = self.run_blocks(first, h.astype(jnp.float32), c.astype(jnp.float32), positions, grid)
+                h, blocks = h.astype(c.dtype), blocks[1:]
+            return self.run_blocks(blocks, h, c, positions, grid) if blocks else h
 
         tokens = routing.apply_blocks(
-            block_fn, tokens, self.depth, routes, route_key, keep_order=self.keep_order
+            run_blocks, tokens, self.depth, routes, route_key, keep_order=self.keep_order
         )
         out = self.final_layer(tokens, c)
         return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)

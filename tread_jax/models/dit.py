@@ -70,6 +70,6 @@ class DiT(Backbone):
             ]
         )
 
-    def run_block(self, i, h, c, positions, grid):
-        del positions, grid  # attention is permutation-equivariant; positions live in the tokens
-        return self.blocks[i](h, c)
+    def block_args(self, i, positions, grid):
+        del i, positions, grid  # attention is permutation-equivariant; positions live in the tokens
+        return ()

@@ -207,6 +207,7 @@ class SSM(Backbone):
     """
 
     keep_order = True  # a scan needs the kept tokens in their original order
+    scannable = False  # blocks differ by scan path
 
     def __init__(
         self,
@@ -241,6 +242,5 @@ class SSM(Backbone):
             [SSMBlock(hidden_size, mlp_ratio=mlp_ratio, rngs=rngs, **mixer_kwargs) for _ in range(self.depth)]
         )
 
-    def run_block(self, i, h, c, positions, grid):
-        order = scan_order(self.scan_paths[i % len(self.scan_paths)], *grid, positions)
-        return self.blocks[i](h, c, order)
+    def block_args(self, i, positions, grid):
+        return (scan_order(self.scan_paths[i % len(self.scan_paths)], *grid, positions),)

@@ -1,0 +1,171 @@
+"""Sampling benchmark: the EDM Heun sampler exactly as the trainer builds it, images/s and MFU.
+
+The sampler is ``tread_jax.train.make_sample_fn`` (dense, one jitted program, a ``fori_loop``
+over the Heun steps; ``num_steps`` N costs 2N - 1 network evaluations, 79 at the default 40).
+Guidance > 1 runs classifier-free guidance: every evaluation is one network call on the doubled
+(conditional + null-class) batch. Timed calls include the copy of the images to the host, as
+in the trainer.
+
+Model FLOPs per image are given twice: analytic (``tread_jax.models.flops.dit_forward_macs``,
+matmuls only) and from XLA's cost analysis of one network evaluation, each times the
+evaluations. XLA's cost analysis of the whole sampler program counts the ``fori_loop`` body
+once (checked in every run: ``xla_sampler_evals_counted`` is the number of evaluations the
+whole-program count amounts to, 3 = loop body (2) + final step (1)), so it cannot give the
+per-image cost directly. For the same reason the per-evaluation count of a ``--scan_blocks``
+model is taken from the unrolled model (the same computation).
+
+    python benchmarks/sampling.py --model=DiT-S/2 --overrides=depth=6,hidden_size=128,num_heads=4 \\
+        --input_size=8 --in_channels=1 --num_classes=10 --batch=64 --num_steps=18 --guidance=1.5
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from _common import (
+    ModelSetup,
+    define_model_flags,
+    define_output_flags,
+    environment,
+    forward_macs_xla,
+    matmul_peak,
+    model_setup,
+    peak_memory_bytes,
+    unscanned_parts,
+    write_json,
+)
+from tread_jax import diffusion, sharding, train
+from tread_jax.models.flops import dit_forward_macs
+
+FLAGS = flags.FLAGS
+define_model_flags()
+flags.DEFINE_integer("num_steps", 40, "Heun steps N (2N - 1 network evaluations)")
+flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale; 1 = conditional only")
+flags.DEFINE_integer("reps", 5, "timed sampler calls (after the compiling first call)")
+define_output_flags()
+
+
+def _sampler_evals_counted_by_xla(
+    setup: ModelSetup,
+    objective: diffusion.Objective,
+    guide: diffusion.Guidance | None,
+    per_eval_flops: float,
+) -> float:
+    """Whole-sampler XLA FLOPs over one evaluation's: how many evaluations XLA's count covers.
+
+    Lowers the program ``make_sample_fn`` jits (the model's ``objective.sample``) from
+    abstract shapes; no compile.
+    """
+    parts = setup.parts
+    params, rest = jax.eval_shape(parts.init)
+
+    def program(params, rest, noise, labels):
+        net = parts.merge(params, rest)
+        return objective.sample(net, noise, labels, num_steps=FLAGS.num_steps, guidance=guide)
+
+    lowered = jax.jit(program).lower(
+        params,
+        rest,
+        jax.ShapeDtypeStruct((FLAGS.batch, *parts.image_shape), jnp.float32),
+        jax.ShapeDtypeStruct((FLAGS.batch,), jnp.int32),
+    )
+    return lowered.cost_analysis()["flops"] / per_eval_flops
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.num_steps < 2 or FLAGS.reps < 1 or FLAGS.guidance < 1.0:
+        raise ValueError("need --num_steps >= 2, --reps >= 1 and --guidance >= 1")
+    setup = model_setup()
+    config, parts = setup.config, setup.parts
+    if config.diffusion.name != "edm":
+        raise ValueError("this benchmark counts evaluations of the EDM Heun sampler only")
+    objective = diffusion.create_objective(config.diffusion)
+    mesh = sharding.create_mesh(config.mesh)
+    guided = FLAGS.guidance != 1.0
+    # The guide make_sample_fn builds, for the whole-program cost check.
+    guide = diffusion.Guidance(scale=FLAGS.guidance, null_class=parts.num_classes) if guided else None
+
+    evals = 2 * FLAGS.num_steps - 1  # Heun steps, the last one Euler (EDM Algorithm 1)
+    passes = evals * (2 if guided else 1)  # the guided batch is twice the size
+    height, width, _ = setup.info.image_shape
+    flops_analytic = 2 * dit_forward_macs(setup.abstract, height, width) * passes
+    net_batch = FLAGS.batch * (2 if guided else 1)
+    # One evaluation, whole batch.
+    eval_flops_xla = 2 * forward_macs_xla(unscanned_parts(setup), net_batch, ())
+    flops_xla = eval_flops_xla * evals / FLAGS.batch
+    evals_counted = _sampler_evals_counted_by_xla(setup, objective, guide, eval_flops_xla)
+
+    params, rest = jax.jit(parts.init)()
+    sample = train.make_sample_fn(
+        parts, objective, mesh, num_steps=FLAGS.num_steps, guidance=FLAGS.guidance
+    )
+    labels = np.random.default_rng(0).integers(0, FLAGS.num_classes, FLAGS.batch)
+    start = time.perf_counter()
+    images = sample(params, rest, labels, 0)  # compiles, then runs once
+    first_s = time.perf_counter() - start
+    if not np.all(np.isfinite(images)):
+        raise FloatingPointError("the sampler produced non-finite images")
+    times = []
+    for rep in range(FLAGS.reps):
+        start = time.perf_counter()
+        sample(params, rest, labels, rep + 1)
+        times.append(time.perf_counter() - start)
+    batch_s = statistics.median(times)
+    peak = matmul_peak(FLAGS.matmul_size, FLAGS.dtype)
+    images_per_s = FLAGS.batch / batch_s
+
+    summary = {
+        "model": FLAGS.model,
+        "overrides": setup.overrides,
+        "batch": FLAGS.batch,
+        "input_size": FLAGS.input_size,
+        "in_channels": FLAGS.in_channels,
+        "dtype": FLAGS.dtype,
+        "params": setup.num_params,
+        "num_steps": FLAGS.num_steps,
+        "guidance": FLAGS.guidance,
+        **environment(),
+        "matmul_peak_tflops": peak / 1e12,
+        "evaluations_per_image": evals,
+        "forward_passes_per_image": passes,
+        "gflops_per_image_analytic": flops_analytic / 1e9,
+        "gflops_per_image_xla": flops_xla / 1e9,
+        "xla_sampler_evals_counted": evals_counted,
+        # Compile time: the first call (compile + one run) less a steady-state call.
+        "compile_s": first_s - batch_s,
+        "first_call_s": first_s,
+        "batch_s_median": batch_s,
+        "batch_s_all": times,
+        "images_per_s": images_per_s,
+        "mfu_xla": flops_xla * images_per_s / peak,
+        "mfu_analytic": flops_analytic * images_per_s / peak,
+        "peak_memory_bytes": peak_memory_bytes(),
+    }
+    print(
+        f"{FLAGS.model} {setup.overrides} batch {FLAGS.batch} {FLAGS.input_size}x{FLAGS.input_size}x"
+        f"{FLAGS.in_channels} {FLAGS.dtype}, {setup.num_params / 1e6:.2f}M params, {summary['device']}, "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s, load average "
+        f"{' '.join(f'{v:.1f}' for v in summary['load_average'])}"
+    )
+    print(
+        f"EDM Heun {FLAGS.num_steps} steps, guidance {FLAGS.guidance}: {evals} evaluations/image "
+        f"({passes} forward passes); XLA's whole-sampler count covers {evals_counted:.2f} evaluations "
+        "(loop body counted once)"
+    )
+    print(f"{'compile s':>10}{'batch s':>10}{'img/s':>10}{'GFLOP/img ana':>15}{'GFLOP/img xla':>15}{'MFU ana':>9}{'MFU xla':>9}")
+    print(
+        f"{summary['compile_s']:10.1f}{batch_s:10.3f}{images_per_s:10.1f}{flops_analytic / 1e9:15.3f}"
+        f"{flops_xla / 1e9:15.3f}{summary['mfu_analytic']:9.1%}{summary['mfu_xla']:9.1%}"
+    )
+    write_json(FLAGS.json_out, summary)
+
+
+if __name__ == "__main__":
+    app.run(main)
