@@ -4,21 +4,34 @@ Command (from the repository root):
 
     python -m tread_jax.main --config=configs/digits.py --workdir=/tmp/tread_digits
 
-Measured (shared 2-core CPU, other jobs running, load average 1.5-2.6): compile 15 s,
-2200 steps at a median 8.6 steps/s (8.5-9.0 when the machine was otherwise quiet), training
-loop 5m29s (4.8 steps/s for its first 500 steps while a test run shared the CPU; ~4m35s
-without it), whole command 6m04s; quality report with EMA weights, 1000 samples, Heun 18
-steps, guidance 1: accuracy 0.955, Frechet distance 1.74 against a real train-vs-test floor of
-1.00 (ratio 1.74). Accuracy meets the issue's bar (>= 0.95, narrowly); the distance does not
-(<= 1.5x). EMA decay was the tried lever: 0.998 over 2400 steps gave 0.924 / 1.80x, 0.99 over
-2300 steps 0.952 / 1.83x, so 0.995 stays.
+Measured (2-core CPU, nothing else running): compile 12.6 s, 2200 steps at a median 7.8
+steps/s (4.8-8.8 per 100-step window), training loop 5m10s including the compile (4m57s of
+training), whole command 5m57s. Quality report (EMA weights, 1501 samples: one per training
+digit, with its label; Heun 18 steps, guidance 1): accuracy 0.965 (bar >= 0.95: met), Frechet
+distance 1.571 against the real train-vs-test floor of 1.000 (ratio 1.57; bar <= 1.5: not met).
+The same config for 2400 steps: 0.967 / 1.56, but 5m22s of training loop.
+
+Not met yet: the distance bar (<= 1.5x the floor). The report scores one sample per real
+training digit (1501, with its label): a Frechet distance estimated from N samples is biased
+upwards as N shrinks (two random halves of the real training digits are 1.54x the floor
+apart), so the generated side gets the floor's N. The ratio still moves by about 0.1 with
+the sampling seed (seeds 1/2/3 after 2400 steps of this config: 1.56 / 1.41 / 1.55; the
+report uses seed 1). Tried, as ratios averaged over seeds 1-3 unless noted: lr 2e-3 vs 3e-3
+at 2600 steps 1.52 vs 1.51; P_mean -1.2 vs -0.8 at lr 3e-3 about 1.54 (between 1.57 at 2200
+and 1.51 at 2600 steps) vs 1.505 at 2400; batch 32 for 3600-4400 steps 1.54 (no better per
+second than batch 64); route 1..4 instead of 1..3 1.77 (worse); cosine decay worse (1000
+samples, seed 1: 1.81 vs 1.74); stochastic Heun (churn) no better; EMA 0.998 and 0.99 worse
+than 0.995. The distance still falls with steps, so a faster step is the likeliest way to the
+bar within 5 minutes of training.
 
 Model: DiT with 6 blocks of width 128 and 4 heads, patch 2 (16 tokens per 8x8 digit), one
-TREAD route sending half the tokens around blocks 1..3. EDM objective, Adam 1e-3 with a
-short warmup (a small model on 1.5K images tolerates and needs a higher rate than DESIGN's
-1e-4), EMA 0.995 (half-life ~140 steps: the EMA starts at the random initial weights, and
-with 0.999 a 1.5K-step run still carried 22% of them, which drove accuracy to 16% against 88%
-for the raw weights), Heun with 18 steps for samples. The training budget is a step count, not wall time, so results reproduce.
+TREAD route sending half the tokens around blocks 1..3. EDM objective with training noise
+levels a little higher than EDM's default (P_mean -0.8), Adam 3e-3 with a short warmup (a
+small model on 1.5K images tolerates and needs a much higher rate than DESIGN's 1e-4), EMA
+0.995 (half-life ~140 steps: the EMA starts at the random initial weights, and with 0.999 a
+1.5K-step run still carried 22% of them, which drove accuracy to 16% against 88% for the raw
+weights), Heun with 18 steps for samples. The training budget is a step count, not wall time,
+so results reproduce (two runs of the same config gave bit-identical reports).
 
 Variant ``configs/digits.py:ssm``: the same run with the Mamba-style SSM backbone (6 blocks of
 width 128, state 16, sequential scan, the faster one on CPU) routed over blocks 1..3 with the
@@ -50,6 +63,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.route_loss = ml_collections.ConfigDict(dict(enabled=False, mae_coef=0.0))
 
     config.diffusion = diffusion.default_config("edm")
+    # Training noise levels a little higher than EDM's default (ln sigma ~ N(-1.2, 1.2^2));
+    # measured slightly better here (docstring).
+    config.diffusion.P_mean = -0.8
     config.label_dropout = 0.1  # classifier-free guidance training (null class = num_classes)
 
     config.data = data.default_config()
@@ -57,7 +73,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_steps = 2200
 
     config.optim = ml_collections.ConfigDict(
-        dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, decay_steps=0,
+        dict(learning_rate=3e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, decay_steps=0,
              grad_clip=0.0)
     )
     config.ema_decay = 0.995
