@@ -21,7 +21,7 @@ from flax import nnx
 from PIL import Image
 from skimage import data as skdata
 
-from tread_jax import data, models
+from tread_jax import data, models, routing
 from tread_jax import vae as vae_lib
 from tread_jax.data import imagenet, latents, prepare_latents
 
@@ -269,16 +269,19 @@ def test_paper_variants_build():
             assert config.model.name in PAPER_PARAMS and dict(config.model.overrides) == {}
             assert config.diffusion.name == ("flow" if model.startswith("sit") else "edm")
             start, end = expected_routes[size]
-            assert config.routes == ([dict(start=start, end=end, ratio=0.5)] if suffix == "_tread" else [])
+            expected = (routing.Route(start, end, 0.5),) if suffix == "_tread" else ()
+            assert routing.parse_routes(config.routes) == expected
             assert (config.global_batch_size, config.optim.learning_rate, config.ema_decay) == (256, 1e-4, 0.9999)
             assert config.model.compute_dtype == "bfloat16" and config.data.name == "imagenet256_latents"
             assert config.num_train_steps == (500_000 if suffix == "_tread_ft" else 400_000)
     default = _load_config("imagenet256", None)
-    assert (default.model.name, default.routes) == ("DiT-XL/2", [dict(start=2, end=24, ratio=0.5)])
+    assert default.model.name == "DiT-XL/2"
+    assert routing.parse_routes(default.routes) == (routing.Route(2, 24, 0.5),)
     # The Mamba-style backbone: the paper's 111M SSM, routed over 2..depth-4 of its 19 blocks.
-    for suffix, routes in (("", []), ("_tread", [dict(start=2, end=15, ratio=0.5)])):
+    for suffix, routes in (("", ()), ("_tread", (routing.Route(2, 15, 0.5),))):
         config = _load_config("imagenet256", "ssm_b2" + suffix)
-        assert (config.model.name, config.routes, config.diffusion.name) == ("SSM-B/2", routes, "edm")
+        assert (config.model.name, routing.parse_routes(config.routes), config.diffusion.name) == (
+            "SSM-B/2", routes, "edm")
     abstract = nnx.eval_shape(lambda: models.create_model(
         "SSM-B/2", input_size=32, in_channels=4, num_classes=1000, rngs=nnx.Rngs(0)))
     assert abs(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) / 111e6 - 1) < 0.02
