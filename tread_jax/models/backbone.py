@@ -97,6 +97,13 @@ class Backbone(nnx.Module):
     ) -> jax.Array:
         """Blocks ``blocks`` in order on tokens ``h``, scanned and rematerialised as configured."""
         policy = REMAT_POLICIES[self.remat]
+        scan = self.scan_blocks and len(blocks) > 1
+        if policy is None and not scan:
+            for i in blocks:
+                h = self.blocks[i](h, c, *self.block_args(i, positions, grid))
+            return h
+
+        # Functional form of a block (its state as an argument), for jax.checkpoint and lax.scan.
         graphdef, _ = nnx.split(self.blocks[blocks[0]])
 
         def call(state: nnx.State, h: jax.Array, *args) -> jax.Array:
@@ -104,15 +111,14 @@ class Backbone(nnx.Module):
 
         if policy is not None:
             call = jax.checkpoint(call, policy=policy)
-        if self.scan_blocks and len(blocks) > 1:
-            # Blocks of one stretch share their arguments (``scannable``), so they stack.
-            args = self.block_args(blocks[0], positions, grid)
-            stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.state(self.blocks[i]) for i in blocks))
-            h, _ = jax.lax.scan(lambda h, state: (call(state, h, *args), None), h, stacked)
+        if not scan:
+            for i in blocks:
+                h = call(nnx.state(self.blocks[i]), h, *self.block_args(i, positions, grid))
             return h
-        for i in blocks:
-            args = self.block_args(i, positions, grid)
-            h = self.blocks[i](h, c, *args) if policy is None else call(nnx.state(self.blocks[i]), h, *args)
+        # Blocks of one stretch share their arguments (``scannable``), so they stack.
+        args = self.block_args(blocks[0], positions, grid)
+        stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.state(self.blocks[i]) for i in blocks))
+        h, _ = jax.lax.scan(lambda h, state: (call(state, h, *args), None), h, stacked)
         return h
 
     def __call__(
