@@ -55,8 +55,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.name = "DiT-S/2"  # named size, then resized by the overrides below
     config.model.overrides = dict(depth=6, hidden_size=128, num_heads=4)
     config.model.compute_dtype = "float32"  # bfloat16 on accelerators
-    config.model.scan_blocks = False  # scan over stretches of blocks (faster compiles, deep models)
-    config.model.remat = "none"  # activation checkpointing per block: "none", "dots" or "full"
+    # One lax.scan per stretch of blocks (same parameter layout; compiles slower on XLA:CPU,
+    # untested on accelerators) and activation checkpointing per block ("none", "dots", "full").
+    config.model.scan_blocks = False
+    config.model.remat = "none"
     # TREAD routes: blocks start..end (0-based, inclusive) see 1 - ratio of the tokens.
     config.routes = (dict(start=1, end=3, ratio=0.5),)
     # Version-1 loss (kept-token loss + mae_coef x routed-token loss); off = version 3.

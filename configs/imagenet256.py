@@ -103,10 +103,6 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     config.model.name = model_name
     config.model.overrides = {}
     config.model.compute_dtype = "bfloat16"
-    # One lax.scan per stretch of blocks (compile time flat in depth; same parameter layout)
-    # and activation checkpointing per block ("none", "dots" or "full"): memory for speed.
-    config.model.scan_blocks = False
-    config.model.remat = "none"
     # DESIGN.md placement: one route over blocks 2..depth-4, half the tokens skip it.
     # The fine-tune trains the routed weights densely.
     config.routes = (dict(start=2, end=depth - 4, ratio=0.5),) if routed and not finetune else ()
