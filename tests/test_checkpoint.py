@@ -107,6 +107,14 @@ def test_sigterm_saves_current_step_and_restart_continues(config_file, reference
     _assert_same_state(workdir, reference, STEPS)
 
 
+def _damage_latest_step(workdir: Path) -> None:
+    """Truncates the largest array file of the newest step: a damaged but "finished" checkpoint."""
+    latest = workdir / "checkpoints" / str(STEPS)
+    victim = max((p for p in (latest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+
+
 # Orbax's failed read of the damaged step leaves asyncio callbacks behind that fire after their
 # loop closed; they are noise from the expected failure, not a fault of the run.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -114,11 +122,7 @@ def test_corrupted_latest_checkpoint_is_skipped(config, reference, tmp_path, cap
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     (workdir / "metrics.jsonl").unlink()
-    # Truncate the largest array file of the newest step: a damaged but "finished" checkpoint.
-    latest = workdir / "checkpoints" / str(STEPS)
-    victim = max((p for p in (latest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+    _damage_latest_step(workdir)
 
     with caplog.at_level("WARNING"):
         result = train.train_and_evaluate(config, str(workdir))
@@ -129,6 +133,23 @@ def test_corrupted_latest_checkpoint_is_skipped(config, reference, tmp_path, cap
     assert min(tl.logged(str(workdir))) == STEPS - EVERY + 1
     assert result["step"] == STEPS
     _assert_same_state(str(workdir), reference, STEPS)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_init_from_skips_a_damaged_step_and_leaves_the_source_run_as_it_was(
+        data_dir, reference, tmp_path, caplog):
+    source = tmp_path / "source"
+    shutil.copytree(reference, source)
+    _damage_latest_step(source)
+    files_before = {p: p.stat().st_size for p in source.rglob("*")}
+    config = tl.tiny_config(data_dir, init_from=str(source), num_train_steps=STEPS - EVERY + 2)
+
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    assert any(f"checkpoint step {STEPS}" in r.getMessage() and "left in place" in r.getMessage()
+               for r in caplog.records)
+    assert min(tl.logged(str(tmp_path / "finetune"))) == STEPS - EVERY + 1  # the previous good step
+    assert {p: p.stat().st_size for p in source.rglob("*")} == files_before  # nothing moved or written
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):

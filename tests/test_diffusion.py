@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.stats
 
 from tread_jax import diffusion
 from tread_jax.diffusion import EDM, Flow, Guidance
@@ -202,6 +203,18 @@ def test_edm_loss_weighting_and_noise_distribution():
     # The network input is c_in (x + sigma n) with n standard normal.
     n = (record["x_in"] * np.sqrt(sigma**2 + 0.25)[:, None, None, None] - x) / sigma[:, None, None, None]
     assert abs(float(n.mean())) < 0.02 and abs(float(n.std()) - 1) < 0.02
+
+
+def test_edm_stratified_noise_levels_take_one_draw_per_slice():
+    batch = 64
+    x = _noise(1, batch)
+    record = {}
+    EDM(stratified=True).loss(_recording_net(record, x, 0.0, "edm"), x, _labels(batch), jax.random.key(3))
+    # Map ln(sigma) back to its probability: each of the B equal slices holds exactly one draw.
+    z = (4 * np.asarray(record["noise_labels"], np.float64) + 1.2) / 1.2
+    slices = np.floor(scipy.stats.norm.cdf(z) * batch).astype(int)
+    assert sorted(slices) == list(range(batch))
+    assert not np.array_equal(slices, np.sort(slices))  # in random order across the batch
 
 
 def test_flow_loss_target_and_time_distribution():

@@ -35,6 +35,8 @@ def data_dir(tmp_path_factory) -> str:
         ({"global_batch_size": 0}, ValueError, r"global_batch_size 0 is not divisible"),
         ({"data.name": "imagenet"}, ValueError, r"unknown dataset 'imagenet'"),
         ({"optim.decay_steps": 2}, ValueError, r"decay_steps \(2\) must exceed optim.warmup_steps \(2\)"),
+        ({"optim.decay_steps": 6}, ValueError, r"decay_steps \(6\) is below num_train_steps \(8\)"),
+        ({"init_from": "gs://bucket/routed"}, ValueError, r"init_from 'gs://bucket/routed' is a URL; .* mount"),
     ],
 )
 def test_bad_config_fails_before_any_work(data_dir, tmp_path, changes, error, message):
@@ -59,6 +61,12 @@ def test_missing_dataset_and_unwritable_workdir(data_dir, tmp_path, monkeypatch)
     with pytest.raises(PermissionError, match=r"workdir '.*a_file/run' is not writable"):
         train.train_and_evaluate(tl.tiny_config(data_dir), str(blocker / "run"))
 
+    # A bucket URL would otherwise become a local folder named "gs:", lost with the VM.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"workdir 'gs://bucket/run' is a URL; .* mount the bucket"):
+        train.train_and_evaluate(tl.tiny_config(data_dir), "gs://bucket/run")
+    assert not (tmp_path / "gs:").exists()
+
 
 @pytest.mark.parametrize(
     "flag, message",
@@ -79,10 +87,16 @@ def test_main_reports_a_bad_flag_in_one_line(tmp_path, flag, message):
     assert "Traceback" not in done.stderr
 
 
-def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path):
+def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path, monkeypatch):
+    from tread_jax.metrics import digits
+
+    scored, score = [], digits.digits_quality  # the report scores clipped images, as saved ones are
+    monkeypatch.setattr(digits, "digits_quality",
+                        lambda images, *a, **k: scored.append(images) or score(images, *a, **k))
     config = tl.tiny_config(
         data_dir, log_every=2, **{"sample.every": 4, "sample.per_class": 2, "sample.num_steps": 3,
-                                  "eval.report": "digits", "eval.num_samples": 30, "eval.num_steps": 3},
+                                  "eval.report": "digits", "eval.num_samples": 30, "eval.num_steps": 3,
+                                  "eval.draws": 2},
     )
     result = train.train_and_evaluate(config, str(tmp_path))
 
@@ -103,6 +117,9 @@ def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path):
     assert report["num_samples"] == 30 and 0.0 <= report["accuracy"] <= 1.0
     assert report["fd_train_vs_test"] > 0 and report["fd_generated_vs_test"] > 0
     assert report["classifier_test_accuracy"] > 0.9  # the judge itself reads real digits well
+    assert len(scored) == 2 and all(np.abs(images).max() <= 1.0 for images in scored)
+    assert not np.array_equal(scored[0], scored[1])  # two fresh draws, averaged
+    assert report["fd_ratio_to_floor"] == pytest.approx(np.mean(report["fd_ratio_per_draw"]))
 
 
 def _one_step(config, params_tx_state=None):

@@ -50,6 +50,7 @@ def tiny_config(data_dir: str, **changes) -> ml_collections.ConfigDict:
     config.global_batch_size = 16
     config.num_train_steps = 8
     config.optim.warmup_steps = 2
+    config.optim.decay_steps = 0  # a constant rate after the warmup, whatever the digits run uses
     config.log_every = 1
     config.checkpoint_every = 4
     config.fsdp_min_size = 256  # small enough that the tiny model's kernels get sharded

@@ -67,16 +67,23 @@ def _iterator_file(step_dir: str) -> str:
 
 
 class Checkpointer:
-    """Saves every ``save_interval_steps`` steps, keeps ``max_to_keep``, resumes the latest good."""
+    """Saves every ``save_interval_steps`` steps, keeps ``max_to_keep``, resumes the latest good.
 
-    def __init__(self, workdir: str, *, save_interval_steps: int, max_to_keep: int):
+    ``read_only``: for another run's checkpoints (``init_from``): nothing is saved, deleted or
+    moved there; an unreadable step is only skipped.
+    """
+
+    def __init__(self, workdir: str, *, save_interval_steps: int = 1, max_to_keep: int = 1,
+                 read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
         self.corrupt_directory = os.path.join(os.path.abspath(workdir), "checkpoints_corrupt")
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=max_to_keep,
-            enable_async_checkpointing=True,
-            create=True,
+            enable_async_checkpointing=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE, DATA)
@@ -120,12 +127,13 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as error:  # noqa: BLE001 - any read failure means "unusable step"
                 logging.warning(
-                    "checkpoint step %d in %s cannot be restored (%s: %s); moving it to %s and "
-                    "trying the previous one",
+                    "checkpoint step %d in %s cannot be restored (%s: %s); %s, trying the "
+                    "previous one",
                     step, self.directory, type(error).__name__, str(error).splitlines()[0][:300],
-                    self.corrupt_directory,
+                    "left in place (read-only)" if self.read_only else f"moved to {self.corrupt_directory}",
                 )
-                self._quarantine(step)
+                if not self.read_only:
+                    self._quarantine(step)
                 continue
             if not same_layout:
                 logging.warning(

@@ -23,8 +23,20 @@ def model_settings(model_config: ml_collections.ConfigDict) -> dict:
     return kwargs
 
 
+def check_local_path(path: str, what: str) -> None:
+    """ValueError for a URL such as gs://bucket/run: every writer here uses the local file
+    system, which would quietly create a folder named "gs:" on the VM's disk instead."""
+    if "://" in path:
+        raise ValueError(
+            f"{what} {path!r} is a URL; tread_jax reads and writes local paths: mount the bucket "
+            "(gcsfuse; launch/tpu_pod.sh --gcs-bucket does it on every worker) and pass the mount path"
+        )
+
+
 def check_workdir(workdir: str) -> None:
-    """The workdir exists or can be created, and this process can write files into it."""
+    """The workdir is a local path that exists or can be created, and this process can write
+    files into it."""
+    check_local_path(workdir, "workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
@@ -52,9 +64,17 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     # makes the batch divisible by the process count (each process reads an equal share).
     if config.num_train_steps <= 0:
         raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
+    decay_steps = config.optim.get("decay_steps", 0)
+    if 0 < decay_steps < config.num_train_steps:
+        raise ValueError(
+            f"optim.decay_steps ({decay_steps}) is below num_train_steps ({config.num_train_steps}): the "
+            "learning rate would stay 0 after it; change both (or decay_steps=0 for a constant rate)"
+        )
     check_workdir(workdir)
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
+    if init_from:
+        check_local_path(init_from, "init_from")
     if init_from and not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
         raise FileNotFoundError(f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})")
 

@@ -105,9 +105,11 @@ class ModelParts:
         self.patch_size = abstract.patch_size
 
     def init(self) -> tuple[Any, Any]:
-        """Fresh parameters and the non-parameter model state (empty for DiT)."""
+        """Fresh parameters and the non-parameter model state (empty for DiT), as nested dicts
+        of arrays: jit flattens plain dicts about 4x faster than ``nnx.State``, which the train
+        step pays twice per call (measured 1.5 ms against 6.1 ms for the digits model's state)."""
         _, params, rest = nnx.split(self.build(nnx.Rngs(self.seed)), nnx.Param, ...)
-        return params, rest
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     def merge(self, params: Any, rest: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params, rest)
@@ -227,7 +229,8 @@ def make_train_step(
 def make_sample_fn(
     parts: ModelParts, objective: diffusion.Objective, mesh: jax.sharding.Mesh, *, num_steps: int, guidance: float
 ) -> Callable[[Any, Any, jax.Array, int], np.ndarray]:
-    """``sample(ema_params, rest, labels, seed) -> images`` (numpy, [-1, 1]), dense, jitted."""
+    """``sample(ema_params, rest, labels, seed) -> samples`` (numpy, in the data's space: pixels
+    or scaled latents, unclipped), dense, jitted."""
     guide = None if guidance == 1.0 else diffusion.Guidance(scale=guidance, null_class=parts.num_classes)
 
     def sample(params: Any, rest: Any, labels: jax.Array, seed: jax.Array) -> jax.Array:
@@ -282,7 +285,7 @@ def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -
 def _restore_init_from(source_workdir: str, abstract_state: Any) -> tuple[Any, int]:
     """The latest train state of another run (a routed run for a dense fine-tune), continuing
     at its step; the data iterator is not restored, so this run reads a fresh stream."""
-    source = Checkpointer(source_workdir, save_interval_steps=1, max_to_keep=1)
+    source = Checkpointer(source_workdir, read_only=True)
     try:
         restored = source.restore_latest(abstract_state)
     finally:
@@ -368,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir)
     if jax.process_index() == 0:
         overview = parameter_overview.get_parameter_overview(
-            jax.tree.map(to_host, nnx.to_pure_dict(state.params)), include_stats=False
+            jax.tree.map(to_host, state.params), include_stats=False
         )
         logging.info("parameters:\n%s", overview)
         with open(os.path.join(workdir, "parameter_overview.txt"), "w", encoding="utf-8") as f:
@@ -463,7 +466,7 @@ def quality_report(
     mesh: jax.sharding.Mesh,
     state: train_state.TrainState,
     rest: Any,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Class-conditional samples from the EMA weights scored by the configured report."""
     if config.eval.report != "digits":
         raise ValueError(f"unknown eval.report {config.eval.report!r}; known: 'digits'")
@@ -474,19 +477,27 @@ def quality_report(
         parts, objective, mesh, num_steps=config.eval.num_steps, guidance=config.eval.guidance
     )
     real_train = data.load_split_arrays(config.data, "train")
+    real_test = data.load_split_arrays(config.data, "test")
     # By default one sample per training image, with its label: a Frechet distance estimated
     # from N samples is biased upwards by a term that shrinks with N (two random halves of the
     # real training digits are 1.5x the floor apart), so the generated side gets the same N
     # and class mix as the real training side of the floor it is compared with.
     num_samples = config.eval.get("num_samples", 0)
     labels = np.arange(num_samples) % parts.num_classes if num_samples else real_train[1]
-    # A seed apart from the grids' so the report does not score the images shown in them.
-    images = sampler(state.ema_params, rest, labels, config.seed + 1)
-    report = digits_metrics.digits_quality(
-        images, labels, real_train, data.load_split_arrays(config.data, "test"), seed=config.seed
-    )
+    # Each draw is a fresh set of N samples; the report averages the draws, which keeps the
+    # expected distance of N samples but not the luck of one set (it moves by about 0.05x the
+    # floor between draws of the digits model).
+    classifier = digits_metrics.DigitsClassifier(*real_train, seed=config.seed)
+    draws = []
+    for draw in range(config.eval.get("draws", 1)):
+        # Seeds apart from the grids' so the report does not score the images shown in them.
+        # Clipped to the data range, as saved images and the eval binary's samples are.
+        images = np.clip(sampler(state.ema_params, rest, labels, config.seed + 1 + draw), -1.0, 1.0)
+        draws.append(digits_metrics.digits_quality(images, labels, real_train, real_test, classifier=classifier))
+    report = {key: float(np.mean([d[key] for d in draws])) for key in draws[0]}
     # The issue's bar: generated-vs-test distance within 1.5x the real train-vs-test floor.
     report["fd_ratio_to_floor"] = report["fd_generated_vs_test"] / report["fd_train_vs_test"]
+    report["fd_ratio_per_draw"] = [d["fd_generated_vs_test"] / d["fd_train_vs_test"] for d in draws]
     report["num_samples"] = len(labels)
     report["sampling_and_scoring_s"] = time.perf_counter() - started
     if jax.process_index() == 0:

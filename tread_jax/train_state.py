@@ -21,7 +21,7 @@ class TrainState:
     """Everything a checkpoint must hold to continue training bit for bit."""
 
     step: jax.Array  # int32 scalar: number of optimizer updates applied so far
-    params: Any  # nnx.State of float32 nnx.Param arrays
+    params: Any  # nested dict of float32 parameter arrays (nnx.to_pure_dict layout)
     opt_state: Any
     ema_params: Any  # same structure as params
 
