@@ -75,8 +75,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     init_from = config.get("init_from", "")
     if init_from:
         check_local_path(init_from, "init_from")
-    if init_from and not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
-        raise FileNotFoundError(f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})")
+        if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
+            raise FileNotFoundError(
+                f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
+            )
 
     info = data.dataset_info(config.data)
     height, width, _ = info.image_shape
