@@ -250,7 +250,7 @@ def _load_config(name: str, variant: str | None):
     return module.get_config(variant) if variant is not None else module.get_config()
 
 
-# Parameter counts in the paper's table (DESIGN.md), for 32x32x4 latents and 1000 classes.
+# Parameter counts in the paper's table (docs/method.md), for 32x32x4 latents and 1000 classes.
 PAPER_PARAMS = {"DiT-S/2": 33e6, "DiT-B/2": 130e6, "DiT-L/2": 458e6, "DiT-XL/2": 675e6}
 
 
