@@ -18,18 +18,13 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from tread_jax import data, diffusion, preflight, routing, runtime, sharding, train_state, workdir as workdir_lib
+from tread_jax import data, diffusion, preflight, runtime, sharding, train_state, workdir as workdir_lib
 from tread_jax.checkpoint import Checkpointer
 from tread_jax.evaluation import TrainingEvaluator
 from tread_jax.logging_utils import NO_BAD_STEP, MetricWriter, Throughput, format_duration, progress_line, save_class_grids
 from tread_jax.model_builder import ModelBuilder, with_shardings
 from tread_jax.sampler import Sampler
 from tread_jax.train_step import make_train_step
-
-
-def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...]:
-    """The config's routes, validated against the model's depth."""
-    return routing.validate_routes(routing.parse_routes(config.routes), preflight.model_settings(config.model)["depth"])
 
 
 def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -> None:
@@ -80,7 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         info = preflight.check(config, workdir)
         workdir_lib.record_dataset(workdir, info, config.data)
-        routes = config_routes(config)
+        routes = preflight.config_routes(config)
         mesh = sharding.create_mesh(config.mesh)
         objective = diffusion.create_objective(config.diffusion)
         tx = train_state.create_optimizer(config.optim)
