@@ -6,6 +6,7 @@ and turning SIGTERM into a flag that a loop polls.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from typing import Any
@@ -35,12 +36,13 @@ def compile_everywhere(jitted: Any, *args: Any, name: str) -> Any:
     30 s; without this barrier a process that compiles faster would wait in the program's
     first collective for one that is still compiling and fail. The barrier goes through the
     coordination service instead, which has no such limit. Its ``name`` must be unique within
-    the job (the coordination service refuses a barrier name twice): callers name the program
+    the job (Orbax: a barrier name must not be reused): callers name the program
     and whatever makes this compilation of it distinct (a shape, a setting).
     """
     compiled = jitted.lower(*args).compile()
     if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(f"tread_jax_compiled_{name}", timeout=_COMPILE_BARRIER_S)
+        barrier = "tread_jax_compiled_" + re.sub(r"\W+", "_", name)
+        ocp.multihost.sync_global_processes(barrier, timeout=_COMPILE_BARRIER_S)
     return compiled
 
 
