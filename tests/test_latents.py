@@ -199,8 +199,9 @@ def test_records_are_the_vae_moments_of_crops_and_mirrors(prepared, tree, vae_di
     z2 = latents.sample_latents(batch, jax.random.key(2))
     assert z1.shape == batch["image"].shape and not np.allclose(z1, z2)
     assert latents.sample_latents({"image": batch["image"]}, jax.random.key(1)) is batch["image"]
-    # Sample grids decode through the same VAE.
-    images = latents.image_decoder(str(vae_dir))(batch["image"][:2])
+    # Samples (grids, evaluation) decode through the same VAE.
+    decode, params = latents.vae_decoder(str(vae_dir))
+    images = np.asarray(jax.jit(decode)(params, batch["image"][:2]))
     assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.abs(images).max() <= 1.0
 
 
