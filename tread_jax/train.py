@@ -177,8 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 images = grid_sampler.sample(state.ema_params, grid_labels, seed=config.seed)
                 save_class_grids(images, grid_labels, os.path.join(workdir, "samples"), f"step_{done:07d}",
                                  per_class_files=done == total)
-                # INTEGRATOR: writer.write_images(done, {"samples": np.asarray(logging_utils.image_grid(
-                #     images[np.argsort(grid_labels, kind="stable")], sample_cfg.per_class))}) (ops branch).
+                # INTEGRATOR (ops branch's MetricWriter.write_images; import image_grid): the grid to TensorBoard,
+                # writer.write_images(done, {"samples": np.asarray(image_grid(
+                #     images[np.argsort(grid_labels, kind="stable")], sample_cfg.per_class))})
             if evaluations.due(done):
                 writer.write_scalars(done, evaluations.periodic(state.ema_params, done))
             if stopping:
