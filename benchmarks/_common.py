@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from tread_jax import data, diffusion, routing, train
+from tread_jax import data, diffusion, routing
+from tread_jax.model_builder import ModelBuilder
 from tread_jax.models.backbone import REMAT_POLICIES
 
 FLAGS = flags.FLAGS
@@ -123,12 +124,12 @@ def train_config(
 
 @dataclasses.dataclass(frozen=True)
 class ModelSetup:
-    """The model the flags name: its config, the trainer's ModelParts and the abstract module."""
+    """The model the flags name: its config, the trainer's ModelBuilder and the abstract module."""
 
     config: ml_collections.ConfigDict
     overrides: dict[str, Any]
     info: data.DatasetInfo
-    parts: train.ModelParts
+    model: ModelBuilder
     abstract: Any  # the module from nnx.eval_shape: shapes only, no parameters allocated
 
     @property
@@ -149,20 +150,19 @@ def model_setup() -> ModelSetup:
         num_train=0,
         num_test=0,
     )
-    parts = train.ModelParts(config, info)
-    abstract = flax.nnx.eval_shape(lambda: parts.build(flax.nnx.Rngs(0)))
-    return ModelSetup(config, overrides, info, parts, abstract)
+    model = ModelBuilder(config, info)
+    return ModelSetup(config, overrides, info, model, model.abstract_model)
 
 
-def unscanned_parts(setup: ModelSetup) -> train.ModelParts:
-    """``setup.parts``, built without ``scan_blocks`` if it scans: XLA's cost analysis counts
+def unscanned_model(setup: ModelSetup) -> ModelBuilder:
+    """``setup.model``, built without ``scan_blocks`` if it scans: XLA's cost analysis counts
     the body of a loop once, so FLOPs of a scanned model must be counted on the unrolled one
     (the same computation)."""
     if not setup.config.model.scan_blocks:
-        return setup.parts
+        return setup.model
     config = setup.config.copy_and_resolve_references()
     config.model.scan_blocks = False
-    return train.ModelParts(config, setup.info)
+    return ModelBuilder(config, setup.info)
 
 
 def route_from_flag(spec: str, depth: int) -> tuple[routing.Route, ...]:
@@ -171,18 +171,15 @@ def route_from_flag(spec: str, depth: int) -> tuple[routing.Route, ...]:
     return routing.validate_routes(routing.parse_routes([fields]), depth)
 
 
-def forward_macs_xla(parts: train.ModelParts, batch: int, routes: tuple[routing.Route, ...]) -> float:
+def forward_macs_xla(model: ModelBuilder, batch: int, routes: tuple[routing.Route, ...]) -> float:
     """Forward MACs from XLA's cost analysis of the lowered (uncompiled) forward program."""
-    _, params, rest = flax.nnx.split(
-        flax.nnx.eval_shape(lambda: parts.build(flax.nnx.Rngs(0))), flax.nnx.Param, ...
-    )
 
     def forward(params, x, t, y, key):
-        return parts.merge(params, rest)(x, t, y, routes=routes, route_key=key)
+        return model.bind(params)(x, t, y, routes=routes, route_key=key)
 
     lowered = jax.jit(forward).lower(
-        params,
-        jax.ShapeDtypeStruct((batch, *parts.image_shape), jnp.float32),
+        model.abstract_params(),
+        jax.ShapeDtypeStruct((batch, *model.image_shape), jnp.float32),
         jax.ShapeDtypeStruct((batch,), jnp.float32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.random.key(0),

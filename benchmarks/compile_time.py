@@ -1,6 +1,6 @@
 """Compile time of the trainer's train step, dense and routed, from abstract shapes only.
 
-The step is ``tread_jax.train.make_train_step`` (label dropout, EDM loss, AdamW, EMA) jitted
+The step is ``tread_jax.train_step.make_train_step`` (label dropout, EDM loss, AdamW, EMA) jitted
 with the state donated, as in ``benchmarks/train_step.py``. Nothing is initialised: the state,
 batch and model state are ``jax.ShapeDtypeStruct``s from ``jax.eval_shape``, so a DiT-XL/2 step
 compiles on a laptop. Trace (Python -> jaxpr), lower (jaxpr -> StableHLO) and compile (XLA)
@@ -29,7 +29,8 @@ from _common import (
     route_from_flag,
     write_json,
 )
-from tread_jax import diffusion, train, train_state
+from tread_jax import diffusion, train_state
+from tread_jax.train_step import make_train_step
 
 FLAGS = flags.FLAGS
 define_model_flags(model="DiT-XL/2", batch=32, route=True)
@@ -52,17 +53,16 @@ def main(argv: list[str]) -> None:
     if unknown or not FLAGS.variants:
         raise ValueError(f"--variants must name dense and/or routed, got {FLAGS.variants}")
     setup = model_setup()
-    config, parts = setup.config, setup.parts
+    config, model = setup.config, setup.model
     route = route_from_flag(FLAGS.route, setup.abstract.depth)
     objective = diffusion.create_objective(config.diffusion)
     tx = train_state.create_optimizer(config.optim)
 
-    def init() -> tuple[train_state.TrainState, Any]:
-        params, rest = parts.init()
-        return train_state.init_train_state(params, tx), rest
+    def init() -> train_state.TrainState:
+        return train_state.init_train_state(model.init_params(), tx)
 
     start = time.perf_counter()
-    state, rest = jax.eval_shape(init)
+    state = jax.eval_shape(init)
     abstract_s = time.perf_counter() - start
     batch = {
         "image": jax.ShapeDtypeStruct((FLAGS.batch, *setup.info.image_shape), jnp.float32),
@@ -73,11 +73,11 @@ def main(argv: list[str]) -> None:
     for name in FLAGS.variants:
         routes = route if name == "routed" else ()
         step = jax.jit(
-            train.make_train_step(config, parts, objective, tx, routes), donate_argnums=(0,)
+            make_train_step(config, model, objective, tx, routes), donate_argnums=(0,)
         )
         res = results[name] = {}
         start = time.perf_counter()
-        traced = step.trace(state, batch, rest)
+        traced = step.trace(state, batch)
         res["trace_s"] = time.perf_counter() - start
         start = time.perf_counter()
         lowered = traced.lower()

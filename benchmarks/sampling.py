@@ -1,6 +1,6 @@
 """Sampling benchmark: the EDM Heun sampler exactly as the trainer builds it, images/s and MFU.
 
-The sampler is ``tread_jax.train.make_sample_fn`` (dense, one jitted program, a ``fori_loop``
+The sampler is ``tread_jax.sampler.Sampler`` (dense, one jitted program, a ``fori_loop``
 over the Heun steps; ``num_steps`` N costs 2N - 1 network evaluations, 79 at the default 40).
 Guidance > 1 runs classifier-free guidance: every evaluation is one network call on the doubled
 (conditional + null-class) batch. Timed calls include the copy of the images to the host, as
@@ -37,11 +37,12 @@ from _common import (
     matmul_peak,
     model_setup,
     peak_memory_bytes,
-    unscanned_parts,
+    unscanned_model,
     write_json,
 )
-from tread_jax import diffusion, sharding, train
+from tread_jax import diffusion, sharding
 from tread_jax.models.flops import dit_forward_macs
+from tread_jax.sampler import Sampler
 
 FLAGS = flags.FLAGS
 define_model_flags()
@@ -59,20 +60,17 @@ def _sampler_evals_counted_by_xla(
 ) -> float:
     """Whole-sampler XLA FLOPs over one evaluation's: how many evaluations XLA's count covers.
 
-    Lowers the program ``make_sample_fn`` jits (the model's ``objective.sample``) from
+    Lowers the program ``Sampler`` jits (the model's ``objective.sample``) from
     abstract shapes; no compile.
     """
-    parts = setup.parts
-    params, rest = jax.eval_shape(parts.init)
+    model = setup.model
 
-    def program(params, rest, noise, labels):
-        net = parts.merge(params, rest)
-        return objective.sample(net, noise, labels, num_steps=FLAGS.num_steps, guidance=guide)
+    def program(params, noise, labels):
+        return objective.sample(model.bind(params), noise, labels, num_steps=FLAGS.num_steps, guidance=guide)
 
     lowered = jax.jit(program).lower(
-        params,
-        rest,
-        jax.ShapeDtypeStruct((FLAGS.batch, *parts.image_shape), jnp.float32),
+        model.abstract_params(),
+        jax.ShapeDtypeStruct((FLAGS.batch, *model.image_shape), jnp.float32),
         jax.ShapeDtypeStruct((FLAGS.batch,), jnp.int32),
     )
     return lowered.cost_analysis()["flops"] / per_eval_flops
@@ -83,14 +81,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.num_steps < 2 or FLAGS.reps < 1 or FLAGS.guidance < 1.0:
         raise ValueError("need --num_steps >= 2, --reps >= 1 and --guidance >= 1")
     setup = model_setup()
-    config, parts = setup.config, setup.parts
+    config, model = setup.config, setup.model
     if config.diffusion.name != "edm":
         raise ValueError("this benchmark counts evaluations of the EDM Heun sampler only")
     objective = diffusion.create_objective(config.diffusion)
     mesh = sharding.create_mesh(config.mesh)
     guided = FLAGS.guidance != 1.0
-    # The guide make_sample_fn builds, for the whole-program cost check.
-    guide = diffusion.Guidance(scale=FLAGS.guidance, null_class=parts.num_classes) if guided else None
+    # The guide the Sampler builds, for the whole-program cost check.
+    guide = diffusion.Guidance(scale=FLAGS.guidance, null_class=model.num_classes) if guided else None
 
     evals = 2 * FLAGS.num_steps - 1  # Heun steps, the last one Euler (EDM Algorithm 1)
     passes = evals * (2 if guided else 1)  # the guided batch is twice the size
@@ -98,24 +96,23 @@ def main(argv: list[str]) -> None:
     flops_analytic = 2 * dit_forward_macs(setup.abstract, height, width) * passes
     net_batch = FLAGS.batch * (2 if guided else 1)
     # One evaluation, whole batch.
-    eval_flops_xla = 2 * forward_macs_xla(unscanned_parts(setup), net_batch, ())
+    eval_flops_xla = 2 * forward_macs_xla(unscanned_model(setup), net_batch, ())
     flops_xla = eval_flops_xla * evals / FLAGS.batch
     evals_counted = _sampler_evals_counted_by_xla(setup, objective, guide, eval_flops_xla)
 
-    params, rest = jax.jit(parts.init)()
-    sample = train.make_sample_fn(
-        parts, objective, mesh, num_steps=FLAGS.num_steps, guidance=FLAGS.guidance
-    )
+    params = jax.jit(model.init_params, out_shardings=sharding.replicated(mesh))()
+    sampler = Sampler(config, model, mesh, sharding.replicated(mesh), num_steps=FLAGS.num_steps,
+                      guidance_scale=FLAGS.guidance, name="benchmark")
     labels = np.random.default_rng(0).integers(0, FLAGS.num_classes, FLAGS.batch)
     start = time.perf_counter()
-    images = sample(params, rest, labels, 0)  # compiles, then runs once
+    images = sampler.sample(params, labels, seed=0)  # compiles, then runs once
     first_s = time.perf_counter() - start
     if not np.all(np.isfinite(images)):
         raise FloatingPointError("the sampler produced non-finite images")
     times = []
     for rep in range(FLAGS.reps):
         start = time.perf_counter()
-        sample(params, rest, labels, rep + 1)
+        sampler.sample(params, labels, seed=rep + 1)
         times.append(time.perf_counter() - start)
     batch_s = statistics.median(times)
     peak = matmul_peak(FLAGS.matmul_size, FLAGS.dtype)

@@ -1,6 +1,6 @@
 """Train-step benchmark: parameters, forward cost and measured step time, dense vs routed.
 
-Runs the trainer's own step (``tread_jax.train.make_train_step``: label dropout, EDM loss,
+Runs the trainer's own step (``tread_jax.train_step.make_train_step``: label dropout, EDM loss,
 AdamW, EMA) on a fixed random batch, for the dense model and for the model with one TREAD
 route, in one process. Repetitions alternate dense/routed (and swap the order every pair) so
 that machine noise hits both alike; the reported ratio is the median over repetitions.
@@ -31,8 +31,9 @@ from _common import (
     route_from_flag,
     write_json,
 )
-from tread_jax import diffusion, train, train_state
+from tread_jax import diffusion, train_state
 from tread_jax.models.flops import dit_forward_macs
+from tread_jax.train_step import make_train_step
 
 FLAGS = flags.FLAGS
 define_model_flags(route=True)
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
     del argv
     setup = model_setup()
     config, overrides, info = setup.config, setup.overrides, setup.info
-    parts, abstract = setup.parts, setup.abstract
+    model, abstract = setup.model, setup.abstract
     route = route_from_flag(FLAGS.route, abstract.depth)
     variants = {"dense": (), "routed": route}
     num_params = setup.num_params
@@ -61,9 +62,7 @@ def main(argv: list[str]) -> None:
             rng.integers(0, FLAGS.num_classes, FLAGS.batch), jnp.int32
         ),
     }
-    init = jax.jit(
-        lambda: (train_state.init_train_state(parts.init()[0], tx), parts.init()[1])
-    )
+    init = jax.jit(lambda: train_state.init_train_state(model.init_params(), tx))
 
     results: dict[str, dict[str, float]] = {}
     steps, states = {}, {}
@@ -74,32 +73,31 @@ def main(argv: list[str]) -> None:
             * dit_forward_macs(abstract, FLAGS.input_size, FLAGS.input_size, routes)
             / 1e9
         )
-        res["fwd_gmacs_xla"] = forward_macs_xla(parts, FLAGS.batch, routes) / 1e9
-        state, rest = init()
+        res["fwd_gmacs_xla"] = forward_macs_xla(model, FLAGS.batch, routes) / 1e9
+        state = init()
         step = jax.jit(
-            train.make_train_step(config, parts, objective, tx, routes),
+            make_train_step(config, model, objective, tx, routes),
             donate_argnums=(0,),
         )
         start = time.perf_counter()
-        compiled = step.lower(state, batch, rest).compile()
+        compiled = step.lower(state, batch).compile()
         res["compile_s"] = time.perf_counter() - start
         res["step_tflops_xla"] = compiled.cost_analysis()["flops"] / 1e12
         start = time.perf_counter()
-        state, _ = compiled(state, batch, rest)  # warm-up: first-run allocations
+        state, _ = compiled(state, batch)  # warm-up: first-run allocations
         jax.block_until_ready(state)
         res["first_step_s"] = time.perf_counter() - start
-        steps[name], states[name] = compiled, (state, rest)
+        steps[name], states[name] = compiled, state
 
     times = {name: [] for name in variants}
     order = list(variants)
     for rep in range(FLAGS.steps):
         for name in order if rep % 2 == 0 else order[::-1]:
-            state, rest = states[name]
             start = time.perf_counter()
-            state, _ = steps[name](state, batch, rest)
+            state, _ = steps[name](states[name], batch)
             jax.block_until_ready(state)
             times[name].append(time.perf_counter() - start)
-            states[name] = (state, rest)
+            states[name] = state
 
     peak = matmul_peak(FLAGS.matmul_size, FLAGS.dtype)  # the peak of the compute dtype
     for name, res in results.items():

@@ -156,6 +156,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     # A learning rate near float32's limit turns the parameters to ~1e38 after one update, so
     # the second step's loss overflows.
     config = tl.tiny_config(data_dir, checkpoint_every=1, **{"optim.learning_rate": 1e38, "optim.warmup_steps": 0})
-    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 2; .*last good checkpoint is step 1"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss, gradient or state at step 2; .*last good checkpoint is step 1"):
         train.train_and_evaluate(config, str(tmp_path))
     assert tl.saved_steps(str(tmp_path)) == [1]

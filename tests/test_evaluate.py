@@ -90,11 +90,11 @@ def test_streaming_accumulators_match_batch_metrics():
 
 
 def test_balanced_labels():
-    from tread_jax import evaluate
+    from tread_jax import evaluation
 
-    labels = evaluate.balanced_labels(1000, 10, seed=3)
+    labels = evaluation.balanced_labels(1000, 10, seed=3)
     np.testing.assert_array_equal(np.bincount(labels), [100] * 10)
-    np.testing.assert_array_equal(labels, evaluate.balanced_labels(1000, 10, seed=3))
+    np.testing.assert_array_equal(labels, evaluation.balanced_labels(1000, 10, seed=3))
     assert not np.array_equal(labels, np.arange(1000) % 10)  # shuffled
 
 
@@ -147,6 +147,7 @@ def checkpoint(tmp_path_factory):
 def _copy(workdir: Path, name: str) -> Path:
     target = workdir.parent / name
     shutil.copytree(workdir / "checkpoints", target / "checkpoints")
+    shutil.copy(workdir / "dataset.json", target / "dataset.json")
     return target
 
 
@@ -173,17 +174,17 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     from flax import nnx
     sys.path.insert(0, "tests")
     import trainer_testlib as tl
-    from tread_jax import data, evaluate, sharding
+    from tread_jax import data, evaluation, sharding
     from tread_jax.metrics import evaluator, fid, inception, reference_stats
 
     config_file, root = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8
     config = tl.load_config(config_file)
-    settings = evaluate.settings_from_config(config, 10, num_samples=%(n)d, num_steps=2, per_device_batch=1)
+    settings = evaluation.settings_from_config(config, 10, num_samples=%(n)d, num_steps=2, per_device_batch=1)
     # Uninterrupted, then interrupted after 1 batch of 8 and resumed with another batch size.
-    full = evaluate.evaluate_checkpoint(config, root + "/full", settings)
-    part = evaluate.evaluate_checkpoint(config, root + "/resumed", settings, max_batches=1)
-    rest = evaluate.evaluate_checkpoint(config, root + "/resumed", settings)
+    full = evaluation.evaluate_checkpoint(config, root + "/full", settings)
+    part = evaluation.evaluate_checkpoint(config, root + "/resumed", settings, max_batches=1)
+    rest = evaluation.evaluate_checkpoint(config, root + "/resumed", settings)
     json.dump({"full": full, "part": part, "rest": rest}, open(root + "/sampling.json", "w"))
 
     # The Inception path: random weights, sharded over 8 devices and over a 1-device mesh.
@@ -297,3 +298,20 @@ def test_inception_sharded_on_eight_devices_and_reference_round_trip(eight_devic
     assert abs(self_metrics["sfid"]) < 1e-9 * np.trace(eight.sigma_s)
     assert self_metrics["precision"] == 1.0 and self_metrics["recall"] == 1.0
     assert self_metrics["inception_score"] >= 1.0
+
+
+def test_evaluation_compiles_with_the_multi_process_barrier(checkpoint, monkeypatch):
+    # Every program of the evaluation goes through the barrier the trainer uses (gloo's 30 s
+    # connection limit on multi-process CPU), each under its own name.
+    from tread_jax import evaluation, runtime
+
+    config_file, trained = checkpoint
+    names, compile_everywhere = [], runtime.compile_everywhere
+    monkeypatch.setattr(runtime, "compile_everywhere",
+                        lambda jitted, *args, name: names.append(name) or compile_everywhere(jitted, *args, name=name))
+    config = tl.load_config(config_file)
+    settings = evaluation.settings_from_config(config, 10, num_samples=8, num_steps=2, per_device_batch=8)
+    result = evaluation.evaluate_checkpoint(config, str(_copy(trained, "barrier")), settings)
+    assert result["complete"]
+    assert len(names) == len(set(names)) == 2, names
+    assert any(n.startswith("eval_") for n in names) and any(n.startswith("extract_digits") for n in names)

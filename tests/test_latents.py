@@ -199,8 +199,9 @@ def test_records_are_the_vae_moments_of_crops_and_mirrors(prepared, tree, vae_di
     z2 = latents.sample_latents(batch, jax.random.key(2))
     assert z1.shape == batch["image"].shape and not np.allclose(z1, z2)
     assert latents.sample_latents({"image": batch["image"]}, jax.random.key(1)) is batch["image"]
-    # Sample grids decode through the same VAE.
-    images = latents.image_decoder(str(vae_dir))(batch["image"][:2])
+    # Samples (grids, evaluation) decode through the same VAE.
+    decode, params = latents.vae_decoder(str(vae_dir))
+    images = np.asarray(jax.jit(decode)(params, batch["image"][:2]))
     assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.abs(images).max() <= 1.0
 
 
@@ -292,23 +293,23 @@ def test_paper_variants_build():
 
 
 def test_train_step_draws_fresh_latents_around_the_stored_mean():
-    from tread_jax import train
+    from tread_jax import train_step
 
     config = _load_config("imagenet256", "dit_s2")
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(64, 4, 4, 4)).astype(np.float32)
     std = rng.uniform(0.1, 2.0, size=mean.shape).astype(np.float32)
     batch = {"image": jax.numpy.asarray(mean), "image_std": jax.numpy.asarray(std)}
-    draw = jax.jit(lambda key: train.model_input(config, batch, key))
+    draw = jax.jit(lambda key: train_step.model_input(config, batch, key))
     x1, x2 = np.asarray(draw(jax.random.key(1))), np.asarray(draw(jax.random.key(2)))
     # (x - mean) / std is standard normal, and a new key draws new noise.
     z = (x1 - mean) / std
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
     assert not np.allclose(x1, x2)
     config.data.sample_latents = False  # train on the stored mean
-    np.testing.assert_array_equal(train.model_input(config, batch, jax.random.key(1)), mean)
+    np.testing.assert_array_equal(train_step.model_input(config, batch, jax.random.key(1)), mean)
     # Pixel batches have no std and pass through.
-    assert train.model_input(_load_config("digits", None), {"image": batch["image"]}, jax.random.key(1)) is batch["image"]
+    assert train_step.model_input(_load_config("digits", None), {"image": batch["image"]}, jax.random.key(1)) is batch["image"]
 
 
 def test_trainer_runs_on_prepared_latents(prepared, vae_dir, tmp_path):

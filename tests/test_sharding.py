@@ -50,12 +50,12 @@ _SHARDED_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     import trainer_testlib as tl
-    from tread_jax import data, sharding, train, train_state
+    from tread_jax import data, model_builder, sharding, train_state
     config = tl.tiny_config({data_dir!r})
     mesh = sharding.create_mesh({{"data": 4, "fsdp": 2}})
-    parts = train.ModelParts(config, data.dataset_info(config.data))
+    model = model_builder.ModelBuilder(config, data.dataset_info(config.data))
     tx = train_state.create_optimizer(config.optim)
-    abstract = jax.eval_shape(lambda: train_state.init_train_state(parts.init()[0], tx))
+    abstract = jax.eval_shape(lambda: train_state.init_train_state(model.init_params(), tx))
     shardings = sharding.state_shardings(abstract, mesh, config.fsdp_min_size)
     specs = lambda tree: [str(s.spec) for s in jax.tree.leaves(tree)]
     shapes = lambda tree: [list(x.shape) for x in jax.tree.leaves(tree)]

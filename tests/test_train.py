@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import trainer_testlib as tl
-from tread_jax import data, diffusion, routing, sampling, train, train_state
+from tread_jax import data, diffusion, model_builder, routing, train, train_state
+from tread_jax.sampler import Sampler
+from tread_jax.train_step import make_train_step
 
 tl.enable_compilation_cache()
 
@@ -88,11 +90,14 @@ def test_main_reports_a_bad_flag_in_one_line(tmp_path, flag, message):
 
 
 def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path, monkeypatch):
-    from tread_jax.metrics import digits
+    from tread_jax.metrics import digits, evaluator
 
-    scored, score = [], digits.digits_quality  # the report scores clipped images, as saved ones are
-    monkeypatch.setattr(digits, "digits_quality",
-                        lambda images, *a, **k: scored.append(images) or score(images, *a, **k))
+    # The report scores clipped images, as saved ones are; the classifier is fitted once per run.
+    scored, host_outputs = [], evaluator.DigitsExtractor.host_outputs
+    monkeypatch.setattr(evaluator.DigitsExtractor, "host_outputs",
+                        lambda self, outputs: scored.append(outputs["image"]) or host_outputs(self, outputs))
+    fits, fit = [], digits.DigitsClassifier.__init__
+    monkeypatch.setattr(digits.DigitsClassifier, "__init__", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
     config = tl.tiny_config(
         data_dir, log_every=2, **{"sample.every": 4, "sample.per_class": 2, "sample.num_steps": 3,
                                   "eval.report": "digits", "eval.num_samples": 30, "eval.num_steps": 3,
@@ -117,22 +122,22 @@ def test_run_writes_metrics_samples_and_quality_report(data_dir, tmp_path, monke
     assert report["num_samples"] == 30 and 0.0 <= report["accuracy"] <= 1.0
     assert report["fd_train_vs_test"] > 0 and report["fd_generated_vs_test"] > 0
     assert report["classifier_test_accuracy"] > 0.9  # the judge itself reads real digits well
+    assert len(fits) == 1
     assert len(scored) == 2 and all(np.abs(images).max() <= 1.0 for images in scored)
     assert not np.array_equal(scored[0], scored[1])  # two fresh draws, averaged
     assert report["fd_ratio_to_floor"] == pytest.approx(np.mean(report["fd_ratio_per_draw"]))
 
 
-def _one_step(config, params_tx_state=None):
+def _one_step(config):
     info = data.dataset_info(config.data)
-    parts = train.ModelParts(config, info)
+    model = model_builder.ModelBuilder(config, info)
     tx = train_state.create_optimizer(config.optim)
-    state = train_state.init_train_state(parts.init()[0], tx)
-    rest = parts.init()[1]
+    state = train_state.init_train_state(model.init_params(), tx)
     images, labels = data.load_split_arrays(config.data, "train")
     batch = {"image": jnp.asarray(images[:16]), "label": jnp.asarray(labels[:16])}
-    step = train.make_train_step(config, parts, diffusion.create_objective(config.diffusion), tx,
-                                 routing.parse_routes(config.routes))
-    return state, *jax.jit(step)(state, batch, rest)
+    step = make_train_step(config, model, diffusion.create_objective(config.diffusion), tx,
+                           routing.parse_routes(config.routes))
+    return state, *jax.jit(step)(state, batch)
 
 
 def test_ema_decay_inside_the_step(data_dir):
@@ -174,15 +179,15 @@ def test_dense_finetune_continues_a_routed_run(data_dir, tmp_path):
     train.train_and_evaluate(tl.tiny_config(data_dir, ema_decay=1.0, **dense), dense_dir)
     records = [json.loads(line) for line in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 6]
-    routed = train.restore_ema(tl.tiny_config(data_dir), routed_dir)
-    finetuned = train.restore_ema(tl.tiny_config(data_dir), dense_dir)
+    routed = model_builder.restore_ema(tl.tiny_config(data_dir), routed_dir)
+    finetuned = model_builder.restore_ema(tl.tiny_config(data_dir), dense_dir)
     assert (routed.step, finetuned.step) == (4, 6)
     jax.tree.map(np.testing.assert_array_equal, finetuned.params, routed.params)
 
     # The notebook's sampler reads the same weights.
-    sampler = sampling.EmaSampler(tl.tiny_config(data_dir), dense_dir)
-    images = sampler.sample(np.arange(3), seed=0, num_steps=2)
-    assert sampler.step == 6 and images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+    sampler = Sampler.for_ema(tl.tiny_config(data_dir), finetuned, num_steps=2, name="test")
+    images = sampler.sample(finetuned.params, np.arange(3), seed=0)
+    assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
 
 
 def test_in_loop_evaluation_writes_eval_metrics(data_dir, tmp_path):
@@ -196,3 +201,55 @@ def test_in_loop_evaluation_writes_eval_metrics(data_dir, tmp_path):
         assert 0.0 <= r["eval/accuracy"] <= 1.0 and r["eval/fd_generated_vs_test"] > 0
         assert not {"eval/num_samples", "eval/seed", "eval/step"} & set(r)
     assert (tmp_path / "eval" / "4").is_dir()
+
+
+def test_a_non_finite_state_is_never_saved(data_dir, tmp_path):
+    # The loss and gradient of step 1 are finite; the update overflows every parameter.
+    config = tl.tiny_config(data_dir, checkpoint_every=1, **{
+        "optim.learning_rate": 1e39, "optim.warmup_steps": 0, "optim.decay_steps": 0})
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step 1; stopping \(no checkpoint was written\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert tl.saved_steps(str(tmp_path)) == []
+
+
+def test_sigterm_during_start_up_exits_0_and_loses_nothing(data_dir, tmp_path):
+    import signal
+    import time
+
+    config_file = tl.write_config(tl.tiny_config(data_dir, num_train_steps=4), tmp_path / "config.py")
+    workdir = tmp_path / "run"
+    assert tl.run_main(config_file, str(workdir)).returncode == 0
+    before = tl.load_state(str(workdir), 4)
+    # Resume with more steps; SIGTERM as soon as the trainer announces itself (before restoring,
+    # compiling and the first step).
+    config_file = tl.write_config(tl.tiny_config(data_dir, num_train_steps=8), tmp_path / "more.py")
+    proc = subprocess.Popen(tl.main_command(config_file, str(workdir)), cwd=tl.REPO, env=tl.subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    line = proc.stdout.readline()
+    assert "process(es)" in line, line
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "before the first step: exiting at step 4" in out
+    assert tl.saved_steps(str(workdir)) == [4]
+    jax.tree.map(np.testing.assert_array_equal, tl.load_state(str(workdir), 4), before)
+    assert time.time() - started < 240
+
+
+def test_sampling_needs_only_the_workdir(data_dir, tmp_path, monkeypatch):
+    train.train_and_evaluate(tl.tiny_config(data_dir, num_train_steps=2, checkpoint_every=2), str(tmp_path))
+    recorded = json.loads((tmp_path / "dataset.json").read_text())
+    assert recorded["image_shape"] == [8, 8, 1] and recorded["num_classes"] == 10 and recorded["pixel_space"]
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the training data was opened")
+
+    from tread_jax.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_open_builder", no_data)
+    config = tl.tiny_config(str(tmp_path / "elsewhere"))
+    ema = model_builder.restore_ema(config, str(tmp_path))
+    images = Sampler.for_ema(config, ema, num_steps=2, name="workdir_only").sample(ema.params, np.arange(4), seed=1)
+    assert ema.step == 2 and images.shape == (4, 8, 8, 1)
+    assert not (tmp_path / "elsewhere").exists()

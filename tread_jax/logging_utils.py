@@ -16,12 +16,15 @@ import numpy as np
 from clu import metrics
 from PIL import Image
 
+from tread_jax import pixels
+
 NO_BAD_STEP = np.iinfo(np.int32).max
 
 
 @flax.struct.dataclass
 class FirstNonFinite(metrics.Metric):
-    """The earliest step whose loss or gradient norm was not finite (``NO_BAD_STEP`` if none).
+    """The earliest step whose loss, gradient norm or new state (``state_finite``) was not
+    finite (``NO_BAD_STEP`` if none).
 
     Aggregated on device like the averages, so detecting a divergence costs no host sync
     until the trainer looks at it (log and checkpoint steps).
@@ -30,8 +33,9 @@ class FirstNonFinite(metrics.Metric):
     step: jax.Array
 
     @classmethod
-    def from_model_output(cls, *, step: jax.Array, loss: jax.Array, grad_norm: jax.Array, **_):
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    def from_model_output(cls, *, step: jax.Array, loss: jax.Array, grad_norm: jax.Array,
+                          state_finite: jax.Array = True, **_):
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         return cls(step=jnp.where(finite, NO_BAD_STEP, step).astype(jnp.int32))
 
     def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
@@ -114,14 +118,9 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], steps_per
     )
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 pixels."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def image_grid(images: np.ndarray, columns: int, *, scale: int = 1, pad: int = 1) -> Image.Image:
     """Tiles ``[N, H, W, C]`` images in [-1, 1] row by row (C = 1 or 3), upscaled by ``scale``."""
-    images = _to_uint8(images)
+    images = pixels.to_uint8(np.asarray(images))
     n, h, w, c = images.shape
     rows = -(-n // columns)
     canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tread_jax import preflight, train
+from tread_jax import preflight, run_check, runtime, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -28,6 +28,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_CHECK = flags.DEFINE_bool(
+    "check", False, "Run the preflight checks and describe the run (config, mesh, parameters, FLOPs, "
+    "memory per device) without training."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,7 +59,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     initialize_distributed()
     config, workdir = _CONFIG.value, _WORKDIR.value
+    runtime.StopSignal.install()  # the trainer honours a SIGTERM during preflight's data preparation too
     try:
+        if _CHECK.value:
+            print(run_check.describe_run(config, workdir), flush=True)
+            return
         preflight.check(config, workdir)
     except (ValueError, FileNotFoundError, PermissionError) as error:
         # One clear line instead of a traceback: these are mistakes in the command or config.

@@ -23,6 +23,11 @@ def model_settings(model_config: ml_collections.ConfigDict) -> dict:
     return kwargs
 
 
+def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...]:
+    """The config's routes, validated against the model's depth; ValueError naming the problem."""
+    return routing.validate_routes(routing.parse_routes(config.routes), model_settings(config.model)["depth"])
+
+
 def check_local_path(path: str, what: str) -> None:
     """ValueError for a URL such as gs://bucket/run: every writer here uses the local file
     system, which would quietly create a folder named "gs:" on the VM's disk instead."""
@@ -48,7 +53,7 @@ def check_workdir(workdir: str) -> None:
 def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     """Validates the config against this job's devices and files; returns the dataset info."""
     settings = model_settings(config.model)
-    routing.validate_routes(routing.parse_routes(config.routes), settings["depth"])
+    config_routes(config)
     diffusion.create_objective(config.diffusion)
     train_state.learning_rate_schedule(config.optim)
 

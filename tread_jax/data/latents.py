@@ -113,11 +113,3 @@ def vae_decoder(vae: str) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
         return jnp.clip(vae_lib.decode(graphdef, params, latents / SCALE), -1.0, 1.0)
 
     return decode, params
-
-
-def image_decoder(vae: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Host-side :func:`vae_decoder` on one device of this process, for sample grids: samples
-    are few and the result is needed on the host anyway."""
-    decode, params = vae_decoder(vae)
-    run = jax.jit(decode)
-    return lambda latents: np.asarray(run(params, jnp.asarray(latents, jnp.float32)))

@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from scipy import special
 
-from tread_jax import sharding
+from tread_jax import pixels, runtime, sharding
 from tread_jax.metrics import fid
 
 DEFAULT_PR_SAMPLES = 10_000  # ADM's reference batches hold 10K images; 10K x 2048 f32 = 80 MB
@@ -47,12 +47,12 @@ PR_NEIGHBOURS = 3
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] images -> uint8 RGB as saved samples are (EDM/DiT: floor(127.5 x + 128), clipped).
+    """[-1, 1] images -> uint8 RGB as saved samples are (``pixels.to_uint8``).
 
     Grayscale is repeated to three channels: ADM batches and the Inception take RGB. Scoring the
     quantized images makes the binary's numbers equal those of its saved ``.npz``.
     """
-    x = jnp.clip(jnp.floor(images.astype(jnp.float32) * 127.5 + 128.0), 0, 255).astype(jnp.uint8)
+    x = pixels.to_uint8(jnp.asarray(images))
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
@@ -329,6 +329,7 @@ class DigitsExtractor(FeatureExtractor):
     def __init__(self, classifier: Any, real_train: tuple[np.ndarray, np.ndarray],
                  real_test: tuple[np.ndarray, np.ndarray]):
         self.classifier = classifier
+        self.train_labels = np.asarray(real_train[1])  # the digits report samples one per label
         test_images, test_labels = real_test
         self._test = self._statistics(test_images)
         self._floor = self._statistics(real_train[0]).frechet_distance(self._test)
@@ -502,6 +503,7 @@ def run(
     params = jax.device_put(extractor.params, replicated)
     extract = jax.jit(extractor.apply, in_shardings=(replicated, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.batch_sharding(mesh))
+    compiled_extract = None
     padded_labels = np.concatenate([labels, np.zeros(global_batch_size, np.int32)])
 
     def save(next_index: int) -> Accumulators:
@@ -530,7 +532,11 @@ def run(
         images = images_fn(indices)
         if on_batch is not None:
             on_batch(images, indices, count)
-        outputs = extract(params, images)
+        if compiled_extract is None:
+            # With the multi-process barrier, as the trainer compiles (gloo's 30 s limit).
+            compiled_extract = runtime.compile_everywhere(
+                extract, params, images, name=f"extract_{extractor.name}_{description}_{global_batch_size}")
+        outputs = compiled_extract(params, images)
         local = {}
         for name, value in outputs.items():
             local[name], rows = local_rows(value)

@@ -1,0 +1,94 @@
+"""Builds the configured NNX model for a dataset, and restores a workdir's EMA weights into it.
+
+The model is kept as a static graph definition plus a pytree of its parameters (nested dicts of
+arrays), so that jitted functions take the parameters as plain arguments. Every backbone holds
+only ``nnx.Param`` variables (no batch statistics or caches), so the parameters are the whole
+model state. Shared by the trainer, the sampler, evaluation and the benchmarks, so that all
+build the model from the config the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tread_jax import checkpoint, data, models, sharding, workdir as workdir_lib
+
+
+class ModelBuilder:
+    """The configured model for a dataset: ``init_params()`` and ``bind(params) -> nnx.Module``."""
+
+    def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo):
+        height, _, channels = info.image_shape
+        overrides = dict(config.model.get("overrides", {}) or {})
+        self.num_classes = info.num_classes
+        self.image_shape = info.image_shape
+        self.seed = config.seed
+
+        def build(rngs: nnx.Rngs) -> nnx.Module:
+            return models.create_model(
+                config.model.name,
+                input_size=height,
+                in_channels=channels,
+                num_classes=info.num_classes,
+                compute_dtype=jnp.dtype(config.model.compute_dtype),
+                scan_blocks=config.model.get("scan_blocks", False),
+                remat=config.model.get("remat", "none"),
+                rngs=rngs,
+                **overrides,
+            )
+
+        self.build = build
+        self.abstract_model = nnx.eval_shape(lambda: build(nnx.Rngs(config.seed)))
+        self.graphdef, _ = nnx.split(self.abstract_model, nnx.Param)
+        self.patch_size = self.abstract_model.patch_size
+
+    def init_params(self) -> Any:
+        """Fresh parameters as nested dicts of arrays: jit flattens plain dicts about 4x faster
+        than ``nnx.State``, which the train step pays twice per call (measured 1.5 ms against
+        6.1 ms for the digits model's state)."""
+        return nnx.to_pure_dict(nnx.state(self.build(nnx.Rngs(self.seed)), nnx.Param))
+
+    def abstract_params(self) -> Any:
+        """ShapeDtypeStructs of ``init_params()``, without allocating anything."""
+        return jax.eval_shape(self.init_params)
+
+    def bind(self, params: Any) -> nnx.Module:
+        """The model with ``params`` (a pytree as ``init_params`` returns, or tracers of it)."""
+        return nnx.merge(self.graphdef, params)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``abstract`` placed as ``shardings``: the target of a sharded restore."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaWeights:
+    """The EMA parameters of one checkpoint of a training workdir, sharded as in training."""
+
+    model: ModelBuilder
+    mesh: jax.sharding.Mesh
+    params: Any
+    param_shardings: Any
+    step: int
+
+
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> EmaWeights:
+    """Restores the EMA weights of checkpoint ``step`` (default: the latest) of ``workdir``.
+
+    For sampling and evaluation after (or during) training: the model comes from ``config`` and
+    the dataset metadata recorded in the workdir (no dataset needed), the mesh and shardings as
+    in training. FileNotFoundError without a checkpoint.
+    """
+    model = ModelBuilder(config, workdir_lib.dataset_info(config, workdir))
+    mesh = sharding.create_mesh(config.mesh)
+    abstract_params = model.abstract_params()
+    param_shardings = sharding.state_shardings(abstract_params, mesh, config.fsdp_min_size)
+    params, step = checkpoint.restore_ema_params(workdir, with_shardings(abstract_params, param_shardings), step)
+    return EmaWeights(model, mesh, params, param_shardings, step)

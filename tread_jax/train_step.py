@@ -1,0 +1,110 @@
+"""The pure train step: label dropout, (routed) denoising loss, AdamW update, EMA update, metrics.
+
+Randomness comes from ``fold_in(key(seed), step)``, a function of the saved step alone, so a
+resumed run draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from tread_jax import diffusion, routing, train_state
+from tread_jax.data import latents
+from tread_jax.logging_utils import TrainMetrics
+from tread_jax.model_builder import ModelBuilder
+
+TrainStep = Callable[[train_state.TrainState, dict[str, jax.Array]], tuple[train_state.TrainState, TrainMetrics]]
+
+
+def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+    """The clean training image of a batch.
+
+    Latent batches carry the VAE posterior (``image`` = scaled mean, ``image_std``); each step
+    trains on a fresh posterior sample unless ``config.data.sample_latents`` is False (then on
+    the stored mean). Pixel batches pass through.
+    """
+    if not config.data.get("sample_latents", True):
+        return batch["image"]
+    return latents.sample_latents(batch, key)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf of ``tree`` is finite: one reduction per leaf."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
+def kept_token_loss(per_element: jax.Array, route_key: jax.Array, routes: tuple[routing.Route, ...],
+                    patch_size: int, mae_coef: float) -> jax.Array:
+    """The version-1 loss (docs/method.md) over the tokens the model kept.
+
+    It must see exactly the model's selection: today it redraws it from the model's key (the
+    model draws from the routes that drop at least one token, in order); once the model takes a
+    route plan, this receives the plan's ``kept`` indices instead of ``route_key``.
+    """
+    per_token = diffusion.token_loss(per_element, patch_size)
+    batch_size, num_tokens = per_token.shape
+    active = routing.active_routes(routes, num_tokens)
+    kept = routing.kept_indices(route_key, active, batch_size, num_tokens)
+    return diffusion.routed_loss(per_token, kept, mae_coef)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: ModelBuilder,
+    objective: diffusion.Objective,
+    tx: optax.GradientTransformation,
+    routes: tuple[routing.Route, ...],
+) -> TrainStep:
+    """``step(state, batch) -> (state, metrics)``, pure, for ``jax.jit``.
+
+    The metrics record the first step whose loss, gradient or new state (parameters, EMA,
+    optimizer moments) is not finite, so that the loop never saves such a state.
+    """
+    base_key = jax.random.key(config.seed)
+    schedule = train_state.learning_rate_schedule(config.optim)
+    route_loss = config.route_loss
+
+    def step_fn(state: train_state.TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(base_key, state.step)
+        label_key, loss_key, route_key = jax.random.split(key, 3)
+        labels = diffusion.drop_labels(label_key, batch["label"], config.label_dropout, model.num_classes)
+        # A fourth stream folded in (not split) so the three above draw what they always drew.
+        x = model_input(config, batch, jax.random.fold_in(key, 3))
+
+        def loss_fn(params: Any) -> jax.Array:
+            network = model.bind(params)
+
+            def net(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array) -> jax.Array:
+                return network(x, noise_labels, class_labels, routes=routes, route_key=route_key)
+
+            per_element = objective.loss(net, x, labels, loss_key)
+            if not route_loss.enabled:
+                return per_element.mean()
+            return kept_token_loss(per_element, route_key, routes, model.patch_size, route_loss.mae_coef)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=train_state.ema_update(state.ema_params, params, config.ema_decay),
+        )
+        step_metrics = TrainMetrics.single_from_model_output(
+            loss=loss,
+            grad_norm=optax.tree.norm(grads),
+            learning_rate=schedule(state.step),
+            step=state.step + 1,
+            # A finite loss and gradient can still overflow the update: check what would be saved.
+            state_finite=all_finite((new_state.params, new_state.ema_params, new_state.opt_state)),
+        )
+        return new_state, step_metrics
+
+    return step_fn
