@@ -51,3 +51,13 @@ need_value() {
 need_positive_int() {
   [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }
+
+# Fails unless $1 is a folder made by launch/download_wheels.sh. Sets WHEELS to its absolute
+# path (the scripts change directory before installing) and OFFLINE_INSTALL to the arguments of
+# `pip install` that install from it alone, whatever the index settings.
+check_wheels() {
+  [[ -f $1/requirements.txt ]] || die "--wheels $1 has no requirements.txt: make it with launch/download_wheels.sh"
+  WHEELS=$(cd "$1" && pwd)
+  # shellcheck disable=SC2034  # used by the scripts that source this file
+  OFFLINE_INSTALL=(--no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt")
+}
