@@ -77,15 +77,12 @@ esac
 GLIBC_MINOR=${BASH_REMATCH[1]}
 ((GLIBC_MINOR >= 17)) || die "--glibc $GLIBC is older than any jax wheel supports (2.17)"
 
-# pip takes a wheel only if one of its platform tags is listed exactly, so list every glibc
-# the target can run: manylinux_2_17 .. manylinux_2_N, and the older names of the same tags.
-if ((${#PLATFORMS[@]} == 0)); then
-  for ((minor = GLIBC_MINOR; minor >= 17; minor--)); do PLATFORMS+=("manylinux_2_${minor}_$ARCH"); done
-  PLATFORMS+=("manylinux2014_$ARCH")
-  if [[ $ARCH == x86_64 ]]; then PLATFORMS+=(manylinux2010_x86_64 manylinux1_x86_64); fi
-fi
 PLATFORM_ARGS=()
-for platform in "${PLATFORMS[@]}"; do PLATFORM_ARGS+=(--platform "$platform"); done
+if ((${#PLATFORMS[@]})); then
+  for platform in "${PLATFORMS[@]}"; do PLATFORM_ARGS+=(--platform "$platform"); done
+else
+  mapfile -t PLATFORM_ARGS < <(manylinux_platform_args "$ARCH" "$GLIBC_MINOR")
+fi
 
 REQUIREMENTS=(tread_jax "$JAX")
 
@@ -104,5 +101,5 @@ else
 fi
 
 printf '\nOffline install on the target (Python %s, %s), after copying %s there:\n  %s\n' \
-  "$PYTHON_VERSION" "${PLATFORMS[0]}" "$DEST" \
+  "$PYTHON_VERSION" "${PLATFORM_ARGS[1]}" "$DEST" \
   "$(shell_join python3 -m pip install --no-index --find-links "$DEST" "${REQUIREMENTS[@]}")"

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -226,3 +227,22 @@ def test_accelerator_records_failures_and_timeouts_and_goes_on(tmp_path):
     table = report.markdown_table({"sections": {"bad": failed, "slow": slow}, "date": "d", "total_s": 3.0,
                                    "tiny": True})
     assert "- `bad`: failed:" in table and "- `slow`: timeout:" in table
+
+
+def test_accelerator_wheels_fetch_only_what_the_device_image_lacks():
+    from test_launch import shellcheck_binary  # pylint: disable=g-import-not-at-top
+
+    script = ROOT / "benchmarks" / "accelerator_wheels.sh"
+    lint = subprocess.run([shellcheck_binary(), "--external-sources", "--severity=style", str(script)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert lint.returncode == 0, lint.stdout
+    out = subprocess.run(["bash", str(script), "--dry-run", "/tmp/w"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    mkdir, download, build = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    assert mkdir == ["mkdir", "-p", "/tmp/w"] and build[-1] == "promise"
+    assert {"--no-deps", "--only-binary=:all:", "manylinux_2_28_x86_64", "manylinux2014_x86_64"} <= set(download)
+    assert download[download.index("--python-version") + 1] == "3.12"
+    names = {re.split(r"[=<>]", a)[0].lower() for a in download[download.index("/tmp/w") + 1:]}
+    # What the scripts import and the image lacks; nothing it has (jax, numpy, torch) travels.
+    assert {"grain", "clu", "ml-collections", "tensorflow-datasets", "tensorboardx", "diffusers"} <= names
+    assert not names & {"jax", "jaxlib", "numpy", "flax", "torch", "protobuf"}
