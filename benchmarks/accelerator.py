@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from absl import app, flags
 
@@ -101,7 +101,7 @@ def plan(tiny: bool, extended: bool) -> list[Section]:
     return sections
 
 
-def run_section(section: Section, limit_s: float, out_dir: Path, env: dict[str, str], log) -> dict[str, Any]:
+def run_section(section: Section, limit_s: float, out_dir: Path, env: dict[str, str], log: TextIO) -> dict[str, Any]:
     """Runs one section in its own process group (killed whole at the limit: torch.compile and
     the trainer start workers of their own); returns its record for the JSON."""
     json_out = out_dir / f".{section.name}.json"
@@ -144,10 +144,10 @@ def main(argv: list[str]) -> None:
         # Tiny programs compile about twice as fast without LLVM optimisation; CI checks the
         # plumbing here, not speed.
         env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-    sections = [s for s in plan(FLAGS.tiny, FLAGS.extended) if not FLAGS.only or s.name in FLAGS.only]
-    unknown = set(FLAGS.only) - {s.name for s in plan(FLAGS.tiny, True)}
+    unknown = set(FLAGS.only) - {s.name for s in plan(FLAGS.tiny, extended=True)}
     if unknown:
         raise app.UsageError(f"unknown sections {sorted(unknown)}")
+    sections = [s for s in plan(FLAGS.tiny, FLAGS.extended) if not FLAGS.only or s.name in FLAGS.only]
 
     start = time.perf_counter()
     deadline = start + FLAGS.budget_s
@@ -168,8 +168,8 @@ def main(argv: list[str]) -> None:
         "total_s": round(time.perf_counter() - start, 1),
         "sections": records,
     }
-    table = markdown_table(summary)
     (out_dir / "accelerator.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    table = markdown_table(summary)
     (out_dir / "accelerator.md").write_text(table)
     print(table)
 

@@ -85,16 +85,21 @@ def markdown_table(summary: dict[str, Any]) -> str:
         if record["status"] not in ("ok", "skipped") or result is None:
             unfinished.append(f"- `{name}`: {record['status']}: {record.get('error', '')}")
             continue
-        if name.startswith("train_"):
-            rows += _train_rows(name, result, peak)
-        elif name == "sample_XL2":
-            rows.append(_sample_row(result, peak))
-        elif name == "evaluation":
-            rows += _evaluation_rows(result, peak_f32)
-        elif name == "torch_reference":
-            rows.append(_torch_row(result, sections))
-        elif name == "digits_parity":
-            rows.append(_parity_row(result))
+        try:
+            if name.startswith("train_"):
+                rows += _train_rows(name, result, peak)
+            elif name == "sample_XL2":
+                rows.append(_sample_row(result, peak))
+            elif name == "evaluation":
+                rows += _evaluation_rows(result, peak_f32)
+            elif name == "torch_reference":
+                rows.append(_torch_row(result, sections))
+            elif name == "digits_parity":
+                rows.append(_parity_row(result))
+        except (KeyError, TypeError, ZeroDivisionError) as error:
+            # A script whose output changed must not cost the rest of the table.
+            unfinished.append(f"- `{name}`: ran, but its result could not be tabulated "
+                              f"({type(error).__name__}: {error}); see accelerator.json")
     device = peak_result.get("device", "device not recorded")
     header = (f"Device: {device}; jax {peak_result.get('jax', '?')}; {summary['date']}; "
               f"matmul peak {_fmt(peak, '.1f')} TFLOP/s bfloat16, {_fmt(peak_f32, '.1f')} float32 "

@@ -84,7 +84,10 @@ else
   mapfile -t PLATFORM_ARGS < <(manylinux_platform_args "$ARCH" "$GLIBC_MINOR")
 fi
 
-REQUIREMENTS=(tread_jax "$JAX")
+# Pinned to this checkout's version, so that no other tread_jax an index may hold can win.
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/pyproject.toml")
+[[ -n $VERSION ]] || die "no version in $REPO_ROOT/pyproject.toml"
+REQUIREMENTS=("tread_jax==$VERSION" "$JAX")
 
 run mkdir -p "$DEST"
 # tread_jax itself: a pure-Python wheel of this checkout.

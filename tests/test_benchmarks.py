@@ -224,9 +224,12 @@ def test_accelerator_records_failures_and_timeouts_and_goes_on(tmp_path):
     # The trainers the timed-out section had started were stopped with it.
     time.sleep(0.5)
     assert _processes_mentioning(str(tmp_path / "tmp")) == []
-    table = report.markdown_table({"sections": {"bad": failed, "slow": slow}, "date": "d", "total_s": 3.0,
-                                   "tiny": True})
+    # A section whose script changed its output still leaves the rest of the table.
+    changed = {"status": "ok", "result": {"variants": {}}}
+    table = report.markdown_table({"sections": {"bad": failed, "slow": slow, "train_B2": changed},
+                                   "date": "d", "total_s": 3.0, "tiny": True})
     assert "- `bad`: failed:" in table and "- `slow`: timeout:" in table
+    assert "- `train_B2`: ran, but its result could not be tabulated (KeyError" in table
 
 
 def test_accelerator_wheels_fetch_only_what_the_device_image_lacks():

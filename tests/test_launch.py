@@ -454,9 +454,10 @@ def test_download_wheels_dry_run(tmp_path, accelerator, jax):
     assert platforms(download) == [f"manylinux_2_{m}_x86_64" for m in range(31, 16, -1)] + [
         "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
     assert option_value(download, "--find-links") == dest and option_value(download, "--dest") == dest
-    assert download[-2:] == ["tread_jax", jax]
-    assert requirements == ["tread_jax", jax]
-    assert shlex.split(install) == ["python3", "-m", "pip", "install", "--no-index", "--find-links", dest, "tread_jax", jax]
+    assert download[-2:] == ["tread_jax==0.1.0", jax]
+    assert requirements == ["tread_jax==0.1.0", jax]
+    assert shlex.split(install) == ["python3", "-m", "pip", "install", "--no-index", "--find-links", dest,
+                                    "tread_jax==0.1.0", jax]
     assert not (tmp_path / "wheels").exists()  # a dry run writes nothing
 
 
@@ -471,7 +472,7 @@ def test_download_wheels_for_other_platforms():
     assert platforms(download) == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
     (_, _, _, download), _, _ = wheels_dry_run("--platform", "macosx_14_0_arm64", "--accelerator=cpu", "/w")
     assert platforms(download) == ["macosx_14_0_arm64"]
-    assert download[-2:] == ["tread_jax", "jax"]
+    assert download[-2:] == ["tread_jax==0.1.0", "jax"]
 
 
 @pytest.mark.parametrize(
