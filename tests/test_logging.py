@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from tread_jax.logging_utils import MetricWriter
+from tread_jax import logging_utils
+from tread_jax.logging_utils import MetricWriter, image_grid
 
 
 def run_logging(workdir: Path, steps: range, *, start_step: int | None = None) -> None:
@@ -83,7 +84,7 @@ def test_resume_from_scratch_drops_everything(tmp_path):
 def test_images_are_recorded_beside_the_scalars(tmp_path):
     grid = np.zeros((6, 10, 3), np.uint8)
     grid[:, :5] = 255
-    gray = np.full((4, 4, 1), 7, np.uint8)
+    gray = np.asarray(image_grid(np.zeros((2, 3, 3, 1), np.float32), columns=2))  # PIL "L": [H, W]
     writer = MetricWriter(str(tmp_path))
     writer.write_scalars(100, {"loss": 0.5})
     writer.write_images(100, {"samples/grid": grid, "samples/gray": gray})
@@ -94,13 +95,25 @@ def test_images_are_recorded_beside_the_scalars(tmp_path):
     assert (event.step, event.width, event.height) == (100, 10, 6)
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(decoded, grid)
-    assert reader.Images("samples/gray")[0].width == 4
+    (event,) = reader.Images("samples/gray")
+    assert (event.width, event.height) == gray.shape[::-1] == (9, 5)
 
 
-@pytest.mark.parametrize("image", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8)],
-                         ids=["float", "no-channels"])
+@pytest.mark.parametrize("image", [np.zeros((4, 4, 3), np.float32), np.zeros((1, 4, 4, 3), np.uint8),
+                                   np.zeros((4, 4, 2), np.uint8)], ids=["float", "batch", "2-channels"])
 def test_images_must_be_uint8_hwc(tmp_path, image):
     writer = MetricWriter(str(tmp_path))
     with pytest.raises(ValueError, match="expected uint8"):
         writer.write_images(1, {"x": image})
     writer.close()
+
+
+def test_only_process_0_writes_or_purges(tmp_path, monkeypatch):
+    run_logging(tmp_path, range(10, 40, 10))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(logging_utils.jax, "process_index", lambda: 1)
+    writer = MetricWriter(str(tmp_path), start_step=0)
+    writer.write_scalars(10, {"loss": 2.0})
+    writer.write_images(10, {"grid": np.zeros((2, 2, 3), np.uint8)})
+    writer.close()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -92,11 +92,14 @@ class MetricWriter:
         self._jsonl.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """Images (uint8, ``[H, W, C]`` with C = 1 or 3, e.g. a sample grid) to TensorBoard."""
+        """Images (uint8 ``[H, W, C]`` with C = 1 or 3, or ``[H, W]`` gray, e.g.
+        ``np.asarray(image_grid(...))``) to TensorBoard, beside the scalars."""
         if not self.enabled:
             return
         for name, image in images.items():
             image = np.asarray(image)
+            if image.ndim == 2:  # a gray PIL image as an array
+                image = image[..., None]
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
                 raise ValueError(f"image {name!r}: expected uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}")
             self._tensorboard.add_image(name, image, step, dataformats="HWC")
