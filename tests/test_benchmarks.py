@@ -249,3 +249,15 @@ def test_accelerator_wheels_fetch_only_what_the_device_image_lacks():
     # What the scripts import and the image lacks; nothing it has (jax, numpy, torch) travels.
     assert {"grain", "clu", "ml-collections", "tensorflow-datasets", "tensorboardx", "diffusers"} <= names
     assert not names & {"jax", "jaxlib", "numpy", "flax", "torch", "protobuf"}
+
+
+def test_accelerator_only_and_out_of_budget(tmp_path):
+    # A budget under MIN_SECTION_S leaves no time for any section: each is recorded as skipped.
+    out = _run("accelerator.py", "--tiny", "--only=peak,digits_parity", "--budget_s=9", f"--out_dir={tmp_path}")
+    sections = json.loads((tmp_path / "accelerator.json").read_text())["sections"]
+    assert list(sections) == ["peak", "digits_parity"]
+    assert all(s["status"] == "skipped" and "out of time" in s["error"] for s in sections.values())
+    assert "- `peak`: skipped: out of time" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--only=nope",
+                          f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown sections ['nope']" in bad.stderr
