@@ -132,6 +132,12 @@ def run_section(section: Section, limit_s: float, out_dir: Path, env: dict[str, 
     return record
 
 
+def _write_json(out_dir: Path, summary: dict[str, Any], start: float) -> None:
+    summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    summary["total_s"] = round(time.perf_counter() - start, 1)
+    (out_dir / "accelerator.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+
+
 def main(argv: list[str]) -> None:
     del argv
     out_dir = Path(FLAGS.out_dir)
@@ -144,14 +150,17 @@ def main(argv: list[str]) -> None:
         # Tiny programs compile about twice as fast without LLVM optimisation; CI checks the
         # plumbing here, not speed.
         env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-    unknown = set(FLAGS.only) - {s.name for s in plan(FLAGS.tiny, extended=True)}
+    every = plan(FLAGS.tiny, extended=True)
+    unknown = set(FLAGS.only) - {s.name for s in every}
     if unknown:
         raise app.UsageError(f"unknown sections {sorted(unknown)}")
-    sections = [s for s in plan(FLAGS.tiny, FLAGS.extended) if not FLAGS.only or s.name in FLAGS.only]
+    # --only may name an --extended section without --extended.
+    sections = [s for s in every if s.name in FLAGS.only] if FLAGS.only else plan(FLAGS.tiny, FLAGS.extended)
 
     start = time.perf_counter()
     deadline = start + FLAGS.budget_s
-    records: dict[str, Any] = {}
+    summary: dict[str, Any] = {"tiny": FLAGS.tiny, "budget_s": FLAGS.budget_s, "sections": {}}
+    records = summary["sections"]
     with open(out_dir / "accelerator.log", "w", encoding="utf-8") as log:
         for section in sections:
             left = deadline - time.perf_counter()
@@ -161,14 +170,9 @@ def main(argv: list[str]) -> None:
             records[section.name] = run_section(section, min(section.budget_s, left), out_dir, env, log)
             print(f"{section.name}: {records[section.name]['status']} in {records[section.name]['seconds']} s",
                   flush=True)
-    summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tiny": FLAGS.tiny,
-        "budget_s": FLAGS.budget_s,
-        "total_s": round(time.perf_counter() - start, 1),
-        "sections": records,
-    }
-    (out_dir / "accelerator.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+            # After every section, so that a run stopped from outside keeps what it measured.
+            _write_json(out_dir, summary, start)
+    _write_json(out_dir, summary, start)
     table = markdown_table(summary)
     (out_dir / "accelerator.md").write_text(table)
     print(table)

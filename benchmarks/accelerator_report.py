@@ -101,9 +101,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
             unfinished.append(f"- `{name}`: ran, but its result could not be tabulated "
                               f"({type(error).__name__}: {error}); see accelerator.json")
     device = peak_result.get("device", "device not recorded")
-    header = (f"Device: {device}; jax {peak_result.get('jax', '?')}; {summary['date']}; "
-              f"matmul peak {_fmt(peak, '.1f')} TFLOP/s bfloat16, {_fmt(peak_f32, '.1f')} float32 "
-              f"(measured in this run); total {summary['total_s']:.0f} s"
+    peaks = (f"matmul peak {peak:.1f} TFLOP/s bfloat16, {peak_f32:.1f} float32 (measured in this run)"
+             if peak and peak_f32 else "matmul peak not measured (no MFU)")
+    header = (f"Device: {device}; jax {peak_result.get('jax', '?')}; {summary['date']}; {peaks}; "
+              f"total {summary['total_s']:.0f} s"
               f"{' (--tiny: CPU smoke run, not a measurement)' if summary['tiny'] else ''}.\n\n")
     lines = ["| measurement | images/s | MFU | peak memory GiB | compile s | notes |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
