@@ -13,7 +13,8 @@
   the default device and again on the host CPU (``JAX_PLATFORMS=cpu``), in this one call; the
   per-step losses must agree within bfloat16 noise. The CPU reference is computed each time
   rather than stored: stored losses would go stale with every change to the model, data order
-  or optimizer, and the CPU run of 100 digits steps takes seconds on the host.
+  or optimizer, and 100 digits steps take about 15 s even on a 2-core CPU (6-8 steps/s there),
+  run while the device run goes on.
 
 Each writes one JSON (``--json_out``); ``accelerator.py`` runs each in its own process, with a
 time limit, and records a failure instead of stopping.
