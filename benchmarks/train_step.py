@@ -28,6 +28,7 @@ from _common import (
     forward_macs_xla,
     matmul_peak,
     model_setup,
+    peak_memory_bytes,
     route_from_flag,
     write_json,
 )
@@ -136,6 +137,8 @@ def main(argv: list[str]) -> None:
         "time_ratio_of_medians": results["routed"]["step_s_median"]
         / results["dense"]["step_s_median"],
         "time_over_flop_ratio": time_ratio / flop_ratio,
+        # Both variants ran in this process: the larger one's peak (the dense step's).
+        "peak_memory_bytes": peak_memory_bytes(),
         "variants": results,
     }
 

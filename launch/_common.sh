@@ -51,3 +51,23 @@ need_value() {
 need_positive_int() {
   [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }
+
+# Fails unless $1 is a folder made by launch/download_wheels.sh. Sets WHEELS to its absolute
+# path (the scripts change directory before installing) and OFFLINE_INSTALL to the arguments of
+# `pip install` that install from it alone, whatever the index settings.
+check_wheels() {
+  [[ -f $1/requirements.txt ]] || die "--wheels $1 has no requirements.txt: make it with launch/download_wheels.sh"
+  WHEELS=$(cd "$1" && pwd)
+  # shellcheck disable=SC2034  # used by the scripts that source this file
+  OFFLINE_INSTALL=(--no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt")
+}
+
+# Prints `--platform TAG` pairs (one word per line) for every manylinux tag a Linux host with
+# CPU $1 (x86_64 or aarch64) and glibc 2.$2 runs: pip takes a wheel only if one of its tags is
+# listed exactly, so list manylinux_2_17 .. manylinux_2_$2 and the older names of the same tags.
+manylinux_platform_args() {
+  local minor
+  for ((minor = $2; minor >= 17; minor--)); do printf -- '--platform\nmanylinux_2_%s_%s\n' "$minor" "$1"; done
+  printf -- '--platform\nmanylinux2014_%s\n' "$1"
+  if [[ $1 == x86_64 ]]; then printf -- '--platform\n%s\n' manylinux2010_x86_64 manylinux1_x86_64; fi
+}

@@ -10,6 +10,9 @@
 #   --python PATH         Python interpreter with tread_jax installed [python3]
 #   --install             first `pip install -e . jax[cuda12]` into that interpreter's environment
 #   --cuda 12|13          CUDA major version of the jax wheels --install picks [12]
+#   --wheels DIR          install offline from DIR, a folder made by launch/download_wheels.sh
+#                         (no package index needed; implies --install, the CUDA version is
+#                         the one DIR was made for)
 #   --log FILE            also write the output to FILE (through tee)
 #   --dry-run             print every command instead of running it
 #   -h, --help            show this help
@@ -36,6 +39,7 @@ WORKDIR=/tmp/tread_jax_gpu
 PYTHON=python3
 INSTALL=0
 CUDA=12
+WHEELS=
 LOG=
 OVERRIDES=()
 
@@ -51,6 +55,7 @@ while (($#)); do
     --python) need_value "$@"; PYTHON=$2; shift 2 ;;
     --install) INSTALL=1; shift ;;
     --cuda) need_value "$@"; CUDA=$2; shift 2 ;;
+    --wheels) need_value "$@"; WHEELS=$2; INSTALL=1; shift 2 ;;
     --log) need_value "$@"; LOG=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -65,10 +70,13 @@ for override in "${OVERRIDES[@]}"; do
 done
 # A config may name a variant after the file: configs/imagenet256.py:dit_xl2_tread.
 [[ -f $REPO_ROOT/${CONFIG%%:*} || -f ${CONFIG%%:*} ]] || die "config file '${CONFIG%%:*}' not found"
+if [[ -n $WHEELS ]]; then check_wheels "$WHEELS"; fi
 
 run cd "$REPO_ROOT"
 
-if ((INSTALL)); then
+if [[ -n $WHEELS ]]; then
+  run "$PYTHON" -m pip install "${OFFLINE_INSTALL[@]}"
+elif ((INSTALL)); then
   run "$PYTHON" -m pip install -e . "jax[cuda$CUDA]"
 fi
 

@@ -16,6 +16,9 @@
 #   --workdir DIR          on storage every node shares; also holds the sbatch script and the
 #                          job's output [~/tread_jax_runs/<job-name>]
 #   --python PATH          Python with tread_jax installed, the same path on every node [python3]
+#   --wheels DIR           install tread_jax and jax into --python from DIR, a folder made by
+#                          launch/download_wheels.sh, before training (no package index needed);
+#                          DIR and --python on storage every node shares
 #   --port N               coordinator port [jax's choice, derived from the job id]
 #   --prelude LINE         a line to run before training, e.g. 'module load cuda/12.4'; repeatable
 #   --sbatch-arg ARG       an extra #SBATCH option, e.g. --sbatch-arg=--exclusive; repeatable
@@ -58,6 +61,7 @@ CONFIG=configs/digits.py
 WORKDIR=
 PYTHON=python3
 PORT=
+WHEELS=
 PRELUDE=()
 SBATCH_ARGS=()
 OVERRIDES=()
@@ -79,6 +83,7 @@ while (($#)); do
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
     --python) need_value "$@"; PYTHON=$2; shift 2 ;;
+    --wheels) need_value "$@"; WHEELS=$2; shift 2 ;;
     --port) need_value "$@"; need_positive_int "$1" "$2"; PORT=$2; shift 2 ;;
     --prelude) need_value "$@"; PRELUDE+=("$2"); shift 2 ;;
     # An sbatch option's value starts with --, so need_value's check does not apply.
@@ -101,6 +106,7 @@ done
 # A config may name a variant after the file: configs/imagenet256.py:dit_xl2_tread.
 [[ -f $REPO_ROOT/${CONFIG%%:*} ]] || die "config file '${CONFIG%%:*}' not found under $REPO_ROOT"
 WORKDIR=${WORKDIR:-$HOME/tread_jax_runs/$JOB_NAME}
+if [[ -n $WHEELS ]]; then check_wheels "$WHEELS"; fi
 # #SBATCH lines take no quoting: paths with whitespace cannot be written there.
 for path in "$WORKDIR" "$REPO_ROOT"; do
   [[ $path != *[[:space:]]* ]] || die "path '$path' contains whitespace, which #SBATCH lines cannot hold"
@@ -134,6 +140,11 @@ sbatch_script() {
   for arg in "${SBATCH_ARGS[@]}"; do printf '#SBATCH %s\n' "$arg"; done
   printf '%s\n' 'set -euo pipefail'
   for line in "${PRELUDE[@]}"; do printf '%s\n' "$line"; done
+  if [[ -n $WHEELS ]]; then
+    # Once, on the job's first node, before any task starts: the environment is shared.
+    shell_join "$PYTHON" -m pip install "${OFFLINE_INSTALL[@]}"
+    printf '\n'
+  fi
   printf '%s\n' \
     "# jax.distributed.initialize() takes the coordinator, process count and index from SLURM;" \
     "# these are the local GPUs each process drives (see launch/slurm.sh)." \

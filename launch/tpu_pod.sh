@@ -22,6 +22,10 @@
 #   --repo-url URL          workers `git clone` this repository [copy this checkout with scp]
 #   --ref REF               branch or tag to clone with --repo-url [the default branch]
 #   --python VERSION        Python of the workers' venv (jax needs >= 3.11) [3.12]
+#   --wheels DIR            setup copies DIR, a folder made by launch/download_wheels.sh
+#                           (--accelerator tpu --glibc 2.35), to every worker and installs
+#                           from it alone: no package index needed, but the workers' image
+#                           must have python<VERSION> with its venv module
 #   --config PATH           config file, relative to the repository root [configs/digits.py]
 #   --workdir DIR           on every worker; must be shared storage on a multi-host slice
 #                           [~/gcs/tread_jax/NAME with --gcs-bucket, else ~/tread_runs/NAME]
@@ -53,6 +57,7 @@ RUNTIME=
 SPOT=0
 REPO_URL=
 REF=
+WHEELS=
 PYTHON_VERSION=3.12
 CONFIG=configs/digits.py
 WORKDIR=
@@ -76,6 +81,7 @@ while (($#)); do
     --repo-url) need_value "$@"; REPO_URL=$2; shift 2 ;;
     --ref) need_value "$@"; REF=$2; shift 2 ;;
     --python) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
+    --wheels) need_value "$@"; WHEELS=$2; shift 2 ;;
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
     --gcs-bucket) need_value "$@"; GCS_BUCKET=${2#gs://}; shift 2 ;;
@@ -97,6 +103,7 @@ done
 [[ $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a worker index, got '$WORKER'"
 [[ $PYTHON_VERSION =~ ^3\.[0-9]+$ ]] || die "--python must be like 3.12, got '$PYTHON_VERSION'"
 if [[ -n $REF && -z $REPO_URL ]]; then die "--ref needs --repo-url"; fi
+if [[ -n $WHEELS ]]; then check_wheels "$WHEELS"; fi
 for override in "${OVERRIDES[@]}"; do
   [[ $override == --config.* ]] || die "after --, only config overrides like --config.num_train_steps=100, got '$override'"
 done
@@ -126,8 +133,11 @@ REMOTE_PYTHON=$(remote_path tread_venv/bin/python)
 REMOTE_LOG=$(remote_path tread_train.log)
 REMOTE_PID=$(remote_path tread_train.pid)
 REMOTE_MOUNT=$(remote_path gcs)
+REMOTE_WHEELS=$(remote_path tread_wheels)
 SOURCE_ARCHIVE=tread_jax_src.tar.gz
 LOCAL_ARCHIVE="${TMPDIR:-/tmp}/${NAME}_${SOURCE_ARCHIVE}"
+WHEELS_ARCHIVE=tread_wheels.tar
+LOCAL_WHEELS_ARCHIVE="${TMPDIR:-/tmp}/${NAME}_${WHEELS_ARCHIVE}"
 
 if [[ -n $WORKDIR ]]; then
   REMOTE_WORKDIR=$(shell_join "$WORKDIR")
@@ -170,14 +180,28 @@ cmd_setup() {
     fetch=$(steps "rm -rf $REMOTE_SRC" "mkdir -p $REMOTE_SRC" \
       "tar -xzf $(remote_path "$SOURCE_ARCHIVE") -C $REMOTE_SRC")
   fi
-  local uv
-  uv=$(remote_path .local/bin/uv)
+  local install
+  if [[ -n $WHEELS ]]; then
+    # One archive rather than `scp --recurse`, which would nest the folder inside an old copy.
+    # Wheels are compressed already: no -z.
+    run tar -cf "$LOCAL_WHEELS_ARCHIVE" -C "$WHEELS" .
+    run gcloud compute tpus tpu-vm scp "$LOCAL_WHEELS_ARCHIVE" "$NAME:$WHEELS_ARCHIVE" \
+      "${GCLOUD_SCOPE[@]}" --worker=all
+    # No index to fetch uv or a Python build from: the image's own python<VERSION> makes the venv.
+    install=$(steps "rm -rf $REMOTE_WHEELS" "mkdir -p $REMOTE_WHEELS" \
+      "tar -xf $(remote_path "$WHEELS_ARCHIVE") -C $REMOTE_WHEELS" \
+      "python$PYTHON_VERSION -m venv $REMOTE_VENV" \
+      "$REMOTE_PYTHON -m pip install --no-index --find-links $REMOTE_WHEELS -r $REMOTE_WHEELS/requirements.txt")
+  else
+    local uv
+    uv=$(remote_path .local/bin/uv)
+    # uv brings its own Python build: the TPU images ship Python 3.10, jax needs >= 3.11.
+    install=$(steps "python3 -m pip install --user --quiet --upgrade uv" \
+      "$uv venv --allow-existing --python $PYTHON_VERSION $REMOTE_VENV" \
+      "$uv pip install --python $REMOTE_PYTHON -e $REMOTE_SRC 'jax[tpu]'")
+  fi
   local script
-  # uv brings its own Python build: the TPU images ship Python 3.10, jax needs >= 3.11.
-  script=$(steps "$fetch" \
-    "python3 -m pip install --user --quiet --upgrade uv" \
-    "$uv venv --allow-existing --python $PYTHON_VERSION $REMOTE_VENV" \
-    "$uv pip install --python $REMOTE_PYTHON -e $REMOTE_SRC 'jax[tpu]'" \
+  script=$(steps "$fetch" "$install" \
     "$REMOTE_PYTHON -c 'import jax, tread_jax; print(\"jax\", jax.__version__)'")
   if [[ -n $GCS_BUCKET ]]; then
     # gcsfuse from Google's apt repository, as its install guide describes.

@@ -4,12 +4,15 @@ these tests a change in the trainer's interfaces would break them unnoticed."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,118 @@ def test_estimate_matches_a_hand_count():
     hours = train_flop / (8 * 989e12 * 0.5) / 3600
     assert float(row[3]) == pytest.approx(hours, abs=0.05)
     assert abs(int(row[5]) - hours * 8 * 2.0) <= 1  # chip-hours x the price passed
+
+
+def _accelerator_module(name: str):
+    """``benchmarks/<name>.py`` imported as the scripts import each other (their folder on the path)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_accelerator_tiny_runs_every_section(tmp_path):
+    """The accelerator command end to end at tiny sizes on CPU, as CI runs it."""
+    out = _run("accelerator.py", "--tiny", f"--out_dir={tmp_path}")
+    summary = json.loads((tmp_path / "accelerator.json").read_text())
+    sections = summary["sections"]
+    assert list(sections) == ["peak", "train_B2", "train_XL2", "sample_XL2", "evaluation", "digits_parity",
+                              "torch_reference"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok"), sections
+    assert _positive(sections["peak"]["result"]["bfloat16_tflops"], sections["peak"]["result"]["float32_tflops"])
+    train = sections["train_XL2"]["result"]
+    assert train["dtype"] == "bfloat16" and 0 < train["flop_ratio_analytic"] < 1
+    parity = sections["digits_parity"]["result"]
+    assert parity["agree"] and len(parity["device_losses"]) == len(parity["cpu_losses"]) == parity["steps"] == 10
+    assert _positive(sections["torch_reference"]["result"]["images_per_s"])
+
+    table = (tmp_path / "accelerator.md").read_text()
+    assert table in out and "Not finished" not in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 + 2 + 1 + 2 + 1 + 1  # train x2 variants x2, sampler, Inception + VAE, parity, torch
+    # MFU (third column) is filled for every JAX row with a model FLOP count.
+    assert all(row[2].endswith("%") for row in rows[:7]), rows
+    assert "routed/dense time" in table and "tread_jax dense / PyTorch images/s" in table
+
+
+def test_accelerator_full_plan_measures_the_paper_sizes_within_8_minutes():
+    accelerator = _accelerator_module("accelerator")
+    plan = {s.name: s for s in accelerator.plan(tiny=False, extended=False)}
+    assert sum(s.budget_s for s in plan.values()) <= 480
+    for name, model in (("train_B2", "DiT-B/2"), ("train_XL2", "DiT-XL/2")):
+        args = plan[name].args
+        assert f"--model={model}" in args and "--batch=256" in args and "--dtype=bfloat16" in args
+        assert not any(a.startswith("--route") for a in args)  # the default route 2..depth-4, 0.5
+    assert {"--model=DiT-XL/2", "--num_steps=40", "--dtype=bfloat16"} <= set(plan["sample_XL2"].args)
+    extended = [s.name for s in accelerator.plan(tiny=False, extended=True)][len(plan):]
+    assert extended == ["train_XL2_scan", "train_XL2_remat_dots", "train_XL2_remat_full"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_text(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+def test_accelerator_records_failures_and_timeouts_and_goes_on(tmp_path):
+    accelerator = _accelerator_module("accelerator")
+    report = _accelerator_module("accelerator_report")
+    # The parity check's trainers put their workdirs under TMPDIR: their command lines name it.
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path / "tmp"))
+    with open(tmp_path / "log", "w") as log:
+        failed = accelerator.run_section(
+            accelerator.Section("bad", "accelerator_checks.py", ("no_such_check",), 60), 60, tmp_path, env, log)
+        start = time.monotonic()
+        slow = accelerator.run_section(
+            accelerator.Section("slow", "accelerator_checks.py", ("digits_parity", "--tiny"), 60), 12, tmp_path, env,
+            log)
+        assert time.monotonic() - start < 20
+    assert failed["status"] == "failed" and "one check" in failed["error"]
+    assert slow["status"] == "timeout" and "12 s limit" in slow["error"]
+    # The trainers the timed-out section had started were stopped with it.
+    time.sleep(0.5)
+    assert _processes_mentioning(str(tmp_path / "tmp")) == []
+    # A section whose script changed its output still leaves the rest of the table.
+    changed = {"status": "ok", "result": {"variants": {}}}
+    table = report.markdown_table({"sections": {"bad": failed, "slow": slow, "train_B2": changed},
+                                   "date": "d", "total_s": 3.0, "tiny": True})
+    assert "- `bad`: failed:" in table and "- `slow`: timeout:" in table
+    assert "- `train_B2`: ran, but its result could not be tabulated (KeyError" in table
+
+
+def test_accelerator_wheels_fetch_only_what_the_device_image_lacks():
+    from test_launch import shellcheck_binary  # pylint: disable=g-import-not-at-top
+
+    script = ROOT / "benchmarks" / "accelerator_wheels.sh"
+    lint = subprocess.run([shellcheck_binary(), "--external-sources", "--severity=style", str(script)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert lint.returncode == 0, lint.stdout
+    out = subprocess.run(["bash", str(script), "--dry-run", "/tmp/w"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    mkdir, download, build = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    assert mkdir == ["mkdir", "-p", "/tmp/w"] and build[-1] == "promise"
+    assert {"--no-deps", "--only-binary=:all:", "manylinux_2_28_x86_64", "manylinux2014_x86_64"} <= set(download)
+    assert download[download.index("--python-version") + 1] == "3.12"
+    names = {re.split(r"[=<>]", a)[0].lower() for a in download[download.index("/tmp/w") + 1:]}
+    # What the scripts import and the image lacks; nothing it has (jax, numpy, torch) travels.
+    assert {"grain", "clu", "ml-collections", "tensorflow-datasets", "tensorboardx", "diffusers"} <= names
+    assert not names & {"jax", "jaxlib", "numpy", "flax", "torch", "protobuf"}
+
+
+def test_accelerator_only_and_out_of_budget(tmp_path):
+    # A budget under MIN_SECTION_S leaves no time for any section: each is recorded as skipped.
+    out = _run("accelerator.py", "--tiny", "--only=peak,digits_parity", "--budget_s=9", f"--out_dir={tmp_path}")
+    sections = json.loads((tmp_path / "accelerator.json").read_text())["sections"]
+    assert list(sections) == ["peak", "digits_parity"]
+    assert all(s["status"] == "skipped" and "out of time" in s["error"] for s in sections.values())
+    assert "- `peak`: skipped: out of time" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--only=nope",
+                          f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown sections ['nope']" in bad.stderr

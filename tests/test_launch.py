@@ -1,10 +1,11 @@
 """Launch scripts: shellcheck, the commands their --dry-run prints, and the parts that run here.
 
-The cloud and cluster commands themselves (gcloud, sbatch) cannot run without network, so the
-dry-run output is checked command by command. The pieces that do run locally are executed for
-real: the remote shell snippets of the TPU script (start, guard, stop), the GPU script, and the
-SLURM job's training command in two processes that find each other through jax's SLURM
-auto-detection, with the environment the generated sbatch script sets.
+The cloud and cluster commands themselves (gcloud, sbatch, pip download) cannot run without
+network, so the dry-run output is checked command by command. The pieces that do run locally are
+executed for real: the remote shell snippets of the TPU script (start, guard, stop), the GPU
+script, the SLURM job's training command in two processes that find each other through jax's
+SLURM auto-detection, with the environment the generated sbatch script sets, and the offline
+install from a wheel folder into a fresh virtual environment.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ LAUNCH = REPO / "launch"
 TPU = LAUNCH / "tpu_pod.sh"
 GPU = LAUNCH / "gpu_single_node.sh"
 SLURM = LAUNCH / "slurm.sh"
+WHEELS = LAUNCH / "download_wheels.sh"
 
 # A stable environment for the scripts: no inherited cluster or accelerator settings.
 BASE_ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
@@ -95,7 +98,7 @@ def slurm_env(num_tasks: int, proc_id: int, port: int) -> dict:
 
 def test_scripts_are_shellcheck_clean():
     scripts = sorted(LAUNCH.glob("*.sh"))
-    assert {TPU, GPU, SLURM} <= set(scripts)
+    assert {TPU, GPU, SLURM, WHEELS} <= set(scripts)
     result = subprocess.run(
         [shellcheck_binary(), "--external-sources", "--severity=style", *map(str, scripts)],
         capture_output=True, text=True, cwd=REPO, timeout=120,
@@ -103,7 +106,7 @@ def test_scripts_are_shellcheck_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", [TPU, GPU, SLURM], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [TPU, GPU, SLURM, WHEELS], ids=lambda p: p.name)
 def test_help_describes_the_options(script):
     out = run_script(script, "--help").stdout
     assert "Usage: launch/" in out and "--dry-run" in out
@@ -414,3 +417,163 @@ def test_slurm_job_processes_find_each_other_through_jax_autodetection(tmp_path)
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 1, err
         assert "global_batch_size 3 is not divisible by the data-parallel size 2" in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# Air-gapped hosts: a wheel folder and the launch scripts' --wheels
+
+
+def wheels_dry_run(*args: str) -> tuple[list[list[str]], list[str], str]:
+    """The commands download_wheels.sh would run, the requirements.txt it would write, and the
+    install line it prints."""
+    out = run_script(WHEELS, "--dry-run", *args).stdout
+    match = re.search(r"^\+ cat > (\S+) <<'REQUIREMENTS'\n(.*?)^REQUIREMENTS$", out, re.S | re.M)
+    assert match, out
+    cmds = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ") and " <<" not in line]
+    return cmds, match.group(2).splitlines(), out.strip().splitlines()[-1].strip()
+
+
+def platforms(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--platform"]
+
+
+@pytest.mark.parametrize("accelerator,jax", [("cpu", "jax"), ("cuda12", "jax[cuda12]"), ("cuda13", "jax[cuda13]"),
+                                             ("tpu", "jax[tpu]")])
+def test_download_wheels_dry_run(tmp_path, accelerator, jax):
+    dest = str(tmp_path / "wheels")
+    cmds, requirements, install = wheels_dry_run("--accelerator", accelerator, "--python-version", "3.11",
+                                                 "--glibc", "2.31", "--python", "/opt/py/bin/python", dest)
+    mkdir, build, source_only, download = cmds
+    assert mkdir == ["mkdir", "-p", dest]
+    assert build == ["/opt/py/bin/python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", dest, str(REPO)]
+    assert source_only == ["/opt/py/bin/python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", dest, "promise"]
+    assert download[:4] == ["/opt/py/bin/python", "-m", "pip", "download"]
+    assert {"--only-binary=:all:", "--implementation"} <= set(download)
+    assert option_value(download, "--python-version") == "3.11" and option_value(download, "--implementation") == "cp"
+    # Every glibc from the oldest manylinux to the target's, under both naming schemes.
+    assert platforms(download) == [f"manylinux_2_{m}_x86_64" for m in range(31, 16, -1)] + [
+        "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    assert option_value(download, "--find-links") == dest and option_value(download, "--dest") == dest
+    assert download[-2:] == ["tread_jax==0.1.0", jax]
+    assert requirements == ["tread_jax==0.1.0", jax]
+    assert shlex.split(install) == ["python3", "-m", "pip", "install", "--no-index", "--find-links", dest,
+                                    "tread_jax==0.1.0", jax]
+    assert not (tmp_path / "wheels").exists()  # a dry run writes nothing
+
+
+def option_value(argv: list[str], name: str) -> str:
+    """The value after ``name`` in argv (``--name value`` form, exactly one occurrence)."""
+    (index,) = [i for i, a in enumerate(argv) if a == name]
+    return argv[index + 1]
+
+
+def test_download_wheels_for_other_platforms():
+    (_, _, _, download), _, _ = wheels_dry_run("--arch", "aarch64", "--glibc", "2.17", "/w")
+    assert platforms(download) == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    (_, _, _, download), _, _ = wheels_dry_run("--platform", "macosx_14_0_arm64", "--accelerator=cpu", "/w")
+    assert platforms(download) == ["macosx_14_0_arm64"]
+    assert download[-2:] == ["tread_jax==0.1.0", "jax"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [((), "missing the folder"), (("--accelerator", "rocm", "/w"), "cpu, cuda12, cuda13 or tpu"),
+     (("--python-version", "312", "/w"), "like 3.12"), (("--arch", "arm", "/w"), "x86_64 or aarch64"),
+     (("--glibc", "2.12", "/w"), "older than"), (("--glibc", "latest", "/w"), "like 2.28"),
+     (("/a", "/b"), "one folder at a time"), (("--frobnicate", "/w"), "unknown option")],
+)
+def test_download_wheels_bad_arguments(args, message):
+    result = run_script(WHEELS, "--dry-run", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and not result.stdout
+
+
+def wheel_folder(tmp_path: Path) -> Path:
+    """A folder as download_wheels.sh leaves it, with only what a dry run's requirements name."""
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    (folder / "requirements.txt").write_text("tread_jax\njax[cuda12]\n")
+    return folder
+
+
+def test_gpu_single_node_installs_from_a_wheel_folder(tmp_path):
+    folder = wheel_folder(tmp_path)
+    _, install, _ = dry_run(GPU, "--wheels", str(folder), "--cuda", "13")
+    assert install == ["python3", "-m", "pip", "install", "--no-index", "--find-links", str(folder),
+                       "-r", f"{folder}/requirements.txt"]
+    result = run_script(GPU, "--dry-run", "--wheels", str(tmp_path), check=False)
+    assert result.returncode == 2 and "no requirements.txt" in result.stderr
+
+
+def test_slurm_job_installs_from_a_wheel_folder_before_training(tmp_path):
+    folder = wheel_folder(tmp_path)
+    script, _ = sbatch_dry_run("--wheels", str(folder), "--python", "/shared/venv/bin/python",
+                               "--prelude", "module load cuda")
+    lines = script.splitlines()
+    install = ["/shared/venv/bin/python", "-m", "pip", "install", "--no-index", "--find-links", str(folder),
+               "-r", f"{folder}/requirements.txt"]
+    (index,) = [i for i, line in enumerate(lines) if shlex.split(line)[:2] == install[:2] and "pip" in line]
+    assert shlex.split(lines[index]) == install
+    assert lines.index("module load cuda") < index < next(i for i, line in enumerate(lines) if line.startswith("srun "))
+
+
+def test_tpu_setup_installs_from_a_wheel_folder(tmp_path):
+    folder = wheel_folder(tmp_path)
+    _, _, tar, scp, setup = dry_run(TPU, "--wheels", str(folder), "--python", "3.11", "setup")
+    assert tar == ["tar", "-cf", tar[2], "-C", str(folder), "."]
+    assert scp[4:7] == ["scp", tar[2], "tread-jax:tread_wheels.tar"] and option(scp, "worker") == "all"
+    script = option(setup, "command")
+    assert ('tar -xf "$HOME/tread_wheels.tar" -C "$HOME/tread_wheels" && python3.11 -m venv "$HOME/tread_venv" && '
+            '"$HOME/tread_venv/bin/python" -m pip install --no-index --find-links "$HOME/tread_wheels" '
+            '-r "$HOME/tread_wheels"/requirements.txt') in script
+    assert "uv" not in script.split()  # nothing fetched from an index
+
+
+def fresh_venv_with_the_dependencies(tmp_path: Path) -> Path:
+    """A new virtual environment that sees this one's packages but not tread_jax.
+
+    Installing tread_jax's dependencies from wheels would take minutes; here they are already
+    installed, in a folder of links to this environment's packages (tread_jax left out) that a
+    .pth file puts on the new environment's path. pip then finds them satisfied and installs
+    tread_jax alone, from the folder, as it would on a cluster with its dependencies in place.
+    """
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    links = tmp_path / "dependencies"
+    links.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("tread_jax", "__editable__", "pip", "_distutils_hack")) \
+                and not entry.name.endswith(".pth"):
+            (links / entry.name).symlink_to(entry)
+    site_packages = Path(subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    (site_packages / "dependencies.pth").write_text(f"{links}\n")
+    return venv / "bin" / "python"
+
+
+def test_offline_install_from_a_wheel_folder_into_a_fresh_environment(tmp_path):
+    """Not a dry run: download_wheels.sh's own build command makes the tread_jax wheel, its
+    requirements.txt (for cpu) goes beside it, and gpu_single_node.sh --wheels installs from that
+    folder into a fresh environment with pip pointed at no index and no configuration, then
+    starts training. Only the download of the dependencies (network) is left out."""
+    folder = tmp_path / "wheels"
+    cmds, requirements, _ = wheels_dry_run("--accelerator", "cpu", "--python", sys.executable, str(folder))
+    _, build, _, _ = cmds
+    folder.mkdir()
+    # Offline, the build cannot fetch setuptools into an isolated environment; this one has it.
+    subprocess.run([*build, "--no-build-isolation", "--quiet"], check=True, timeout=300,
+                   capture_output=True)
+    (folder / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    assert [p.name for p in folder.glob("*.whl")] == ["tread_jax-0.1.0-py3-none-any.whl"]
+
+    python = fresh_venv_with_the_dependencies(tmp_path)
+    # No index reachable and no pip configuration: only the folder can supply a package.
+    env = {**BASE_ENV, "JAX_PLATFORMS": "cpu", "PIP_CONFIG_FILE": os.devnull,
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    result = run_script(GPU, "--wheels", str(folder), "--python", str(python), "--workdir", str(tmp_path / "w"),
+                        "--", "--config.num_train_steps=0", env=env, check=False)
+    assert "Successfully installed tread_jax-0.1.0" in result.stdout, result.stdout + result.stderr
+    assert "tread_jax: error: num_train_steps must be positive, got 0" in result.stderr, result.stderr
+    where = subprocess.run([str(python), "-c", "import tread_jax; print(tread_jax.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env, check=True).stdout
+    assert where.startswith(str(tmp_path / "venv")), where

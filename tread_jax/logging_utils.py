@@ -56,17 +56,36 @@ class TrainMetrics(metrics.Collection):
 
 
 class MetricWriter:
-    """Scalars to TensorBoard event files (tensorboardX, no TensorFlow) and to metrics.jsonl."""
+    """Scalars and images to TensorBoard event files (tensorboardX, no TensorFlow); scalars also
+    to metrics.jsonl.
 
-    def __init__(self, workdir: str):
+    ``start_step`` is the step a resumed run continues from (its checkpoint's step). Whatever the
+    interrupted run logged after it is dropped, so that the steps it redoes are not logged twice:
+    metrics.jsonl keeps only the records up to ``start_step``, and the TensorBoard writer opens
+    with ``purge_step=start_step + 1``, which makes TensorBoard discard the older events from that
+    step on. ``None`` (a fresh run) keeps whatever is there.
+    """
+
+    def __init__(self, workdir: str, start_step: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        purge_step = None
+        if start_step is not None:
+            _truncate_jsonl(jsonl_path, start_step)
+            purge_step = start_step + 1
+        # Event file names carry whole seconds only; a writer opened in the same second as the
+        # previous run's would overwrite its file. The suffix keeps them apart and in order.
+        self._tensorboard = SummaryWriter(
+            logdir=os.path.join(workdir, "tensorboard"),
+            purge_step=purge_step,
+            filename_suffix=f".{time.time_ns()}",
+        )
         # Appending keeps the history of a resumed run in one file.
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._jsonl = open(jsonl_path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -76,10 +95,50 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
         self._jsonl.flush()
 
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Images (uint8 ``[H, W, C]`` with C = 1 or 3, or ``[H, W]`` gray, e.g.
+        ``np.asarray(image_grid(...))``) to TensorBoard, beside the scalars."""
+        if not self.enabled:
+            return
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.ndim == 2:  # a gray PIL image as an array
+                image = image[..., None]
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+                raise ValueError(f"image {name!r}: expected uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}")
+            self._tensorboard.add_image(name, image, step, dataformats="HWC")
+        self._tensorboard.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keeps the records of ``path`` up to ``last_step``, replacing the file atomically.
+
+    A line that does not parse (cut short by a kill mid-write) is dropped too. The kept lines go
+    to a temporary file that is then renamed over the original, so a crash here leaves either
+    the old file or the new one, never a half-written one.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def format_duration(seconds: float) -> str:
