@@ -192,6 +192,18 @@ def image_grid(images: np.ndarray, columns: int, *, scale: int = 1, pad: int = 1
     return picture
 
 
+def _readable_scale(images: np.ndarray) -> int:
+    """Small images (8x8 digits) are upscaled so that a grid is readable in an image viewer."""
+    return max(1, 64 // images.shape[1])
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray) -> Image.Image:
+    """One row per class, in label order; every class in ``labels`` must occur equally often."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    per_class = len(labels) // len(np.unique(labels))
+    return image_grid(images[np.argsort(labels, kind="stable")], per_class, scale=_readable_scale(images))
+
+
 def save_class_grids(
     images: np.ndarray, labels: np.ndarray, directory: str, prefix: str, *, per_class_files: bool
 ) -> list[str]:
@@ -205,12 +217,10 @@ def save_class_grids(
     os.makedirs(directory, exist_ok=True)
     images, labels = np.asarray(images), np.asarray(labels)
     classes = np.unique(labels)
-    order = np.argsort(labels, kind="stable")
     per_class = len(labels) // len(classes)
-    # Small images (8x8 digits) are upscaled so the grid is readable in an image viewer.
-    scale = max(1, 64 // images.shape[1])
+    scale = _readable_scale(images)
     paths = [os.path.join(directory, f"{prefix}.png")]
-    image_grid(images[order], per_class, scale=scale).save(paths[0])
+    class_grid(images, labels).save(paths[0])
     if per_class_files:
         columns = int(np.ceil(np.sqrt(per_class)))
         for k in classes:

@@ -21,7 +21,8 @@ from clu import parameter_overview
 from tread_jax import data, diffusion, preflight, runtime, sharding, train_state, workdir as workdir_lib
 from tread_jax.checkpoint import Checkpointer
 from tread_jax.evaluation import TrainingEvaluator
-from tread_jax.logging_utils import NO_BAD_STEP, MetricWriter, Throughput, format_duration, progress_line, save_class_grids
+from tread_jax.logging_utils import (
+    NO_BAD_STEP, MetricWriter, Throughput, class_grid, format_duration, progress_line, save_class_grids)
 from tread_jax.model_builder import ModelBuilder, with_shardings
 from tread_jax.sampler import Sampler
 from tread_jax.train_step import make_train_step
@@ -139,8 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise
 
     # ----------------------------------------------------------------------------------- Loop
-    # INTEGRATOR: MetricWriter(workdir, start_step=start_step) (ops branch) drops records after it.
-    writer = MetricWriter(workdir)
+    # Records the interrupted run wrote after its last checkpoint are dropped: they are redone.
+    writer = MetricWriter(workdir, start_step=start_step)
     metrics = None
     last_scalars: dict[str, float] = {}
     throughput = Throughput(start_step)
@@ -177,9 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 images = grid_sampler.sample(state.ema_params, grid_labels, seed=config.seed)
                 save_class_grids(images, grid_labels, os.path.join(workdir, "samples"), f"step_{done:07d}",
                                  per_class_files=done == total)
-                # INTEGRATOR (ops branch's MetricWriter.write_images; import image_grid): the grid to TensorBoard,
-                # writer.write_images(done, {"samples": np.asarray(image_grid(
-                #     images[np.argsort(grid_labels, kind="stable")], sample_cfg.per_class))})
+                writer.write_images(done, {"samples": np.asarray(class_grid(images, grid_labels))})
             if evaluations.due(done):
                 writer.write_scalars(done, evaluations.periodic(state.ema_params, done))
             if stopping:
