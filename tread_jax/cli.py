@@ -21,10 +21,13 @@ A single process needs neither.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +35,14 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-_MULTIHOST_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+def load_config_module(path: str | os.PathLike) -> types.ModuleType:
+    """A config file as a module, loaded by path as ``--config`` loads it: config files are not a
+    package, so one that builds on another (``configs/common.py``) loads it this way."""
+    spec = importlib.util.spec_from_file_location(f"tread_jax_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _existing(name: str) -> flags.FlagHolder | None:

@@ -148,10 +148,15 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"optim.decay_steps ({decay_steps}) is below num_train_steps ({config.num_train_steps}): the "
             "learning rate would stay 0 after it; change both (or decay_steps=0 for a constant rate)"
         )
+    check_local_path(workdir, "workdir")
+    # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
     if init_from:
         check_local_path(init_from, "init_from")
-    check_local_path(workdir, "workdir")
+        if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
+            raise FileNotFoundError(
+                f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
+            )
 
     info = data.dataset_info(config.data)
     height, width, _ = info.image_shape
@@ -161,11 +166,6 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
         raise ValueError(
             f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
             f"{config.model.name}"
-        )
-    # A fine-tune starts from another run's checkpoint, needed only while this run has none.
-    if init_from and not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
-        raise FileNotFoundError(
-            f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
         )
     check_workdir(workdir)
     return info
