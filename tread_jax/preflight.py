@@ -74,7 +74,7 @@ NON_NEGATIVE = {
 SAMPLER_STEPS = ("sample.num_steps", "eval.num_steps")
 
 
-def _field(config: ml_collections.ConfigDict, path: str) -> tuple[bool, object]:
+def get_field(config: ml_collections.ConfigDict, path: str) -> tuple[bool, object]:
     """``(present, value)`` of a dotted field."""
     node = config
     for key in path.split("."):
@@ -88,7 +88,7 @@ def check_counts(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first count or interval that is not an integer in its range."""
     for fields, lowest, kind in ((POSITIVE, 1, "positive"), (NON_NEGATIVE, 0, ">= 0")):
         for path, meaning in fields.items():
-            present, value = _field(config, path)
+            present, value = get_field(config, path)
             if not present:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
@@ -113,7 +113,7 @@ def check_sampler_steps(config: ml_collections.ConfigDict) -> None:
     """Each sampler step count is valid for the configured objective."""
     objective = diffusion.create_objective(config.diffusion)
     for path in SAMPLER_STEPS:
-        present, value = _field(config, path)
+        present, value = get_field(config, path)
         if present:
             try:
                 dataclasses.replace(objective, num_steps=value)
