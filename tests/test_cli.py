@@ -1,20 +1,21 @@
 """Bad input through the real command line: each case fails in one line that names the offending
 flag, file or config field, with a non-zero exit, before anything is compiled or written.
 
-Every case is a real ``python -m tread_jax.main`` process. They are started together (a few at
-a time) by one fixture, and each test checks one of them. The counts and intervals come from
+Every case is ``tread_jax.main``'s real flag parsing, config loading and preflight on its own
+command line (``cli_testlib``: one forked process per case, training stubbed out); one fixture
+runs them all and each test checks one. The counts and intervals come from
 ``preflight.POSITIVE`` / ``NON_NEGATIVE``, so a field added there is tested here too.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import cli_testlib
 import trainer_testlib as tl
 from tread_jax import data, preflight
 
@@ -82,38 +83,6 @@ CASES = [
 ]
 
 
-# Runs the cases of argv[1] (JSON) as the binary would, one forked child per case: the child
-# parses its own command line with fresh flags and runs the real main, while the interpreter and
-# imports (about 1 s a process on this CPU) are paid once. Prints {name: [exit code, output]}.
-DRIVER = r"""
-import json, os, sys
-import tread_jax.main as binary
-from tread_jax import cli
-results = {}
-for name, argv, case_dir in json.loads(sys.argv[1]):
-    output = os.path.join(case_dir, "output.txt")
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1), os.dup2(fd, 2)
-        import jax
-        jax.config.update("jax_compilation_cache_dir", os.path.join(case_dir, "jax_cache"))
-        sys.argv = argv
-        code = 0
-        try:
-            cli.run(binary.main, "tread_jax")
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-            if not isinstance(exit_.code, int) and exit_.code is not None:
-                print(exit_.code, file=sys.stderr)
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    results[name] = [os.waitstatus_to_exitcode(status), open(output).read()]
-print(json.dumps(results))
-"""
-
-
 def _argv(config: str, extra: list[str], tmp: Path, data_dir: str) -> list[str]:
     values = {"{tmp}": str(tmp), "{data}": data_dir, "{file}": str(tmp / "a_file")}
     for key, value in values.items():
@@ -133,12 +102,10 @@ def results(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
         tmp = root / f"case{index}"
         tmp.mkdir()
         (tmp / "a_file").write_text("")
-        runs.append((name, _argv(config, extra, tmp, data_dir), str(tmp)))
+        runs.append((name, _argv(config, extra, tmp, data_dir), tmp, "run"))
     env = {**tl.subprocess_env(), "TREAD_JAX_CACHE": str(root / "cache")}
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=tl.REPO, env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    found = json.loads(done.stdout.splitlines()[-1])
-    return {name: (*found[name], Path(case_dir)) for name, _, case_dir in runs}
+    found = cli_testlib.run_commands(runs, env)
+    return {name: (*found[name][:2], Path(case_dir)) for name, _, case_dir, _ in runs}
 
 
 @pytest.mark.parametrize("name, config, extra, expected", CASES, ids=[c[0] for c in CASES])
