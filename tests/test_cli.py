@@ -67,6 +67,8 @@ CASES = [
     ("unknown model", DIGITS, ["--config.model.name=DiT-Q/2"], "DiT-Q/2"),
     ("unknown objective", DIGITS, ["--config.diffusion.name=ddim"], "ddim"),
     ("mesh that does not divide", DIGITS, ["--config.mesh.fsdp=3"], "mesh"),
+    ("mesh axis 0", DIGITS, ["--config.mesh.data=0"], "sizes must be positive or -1"),
+    ("the base, not a config", "configs/common.py", [], "--config=configs/common.py: AttributeError"),
     ("unknown dataset", DIGITS, ["--config.data.name=imagenet"], "'imagenet'"),
     # Files and directories.
     ("missing dataset dir", IMAGENET, ["--config.data.data_dir={tmp}/no_tfds"], "imagenet256_latents"),

@@ -149,14 +149,14 @@ def _parse_error_message(error: Exception, argv: list[str]) -> str:
     config = _config_argument(argv)
     if isinstance(root, OSError):
         return _config_file_message(config, root)
-    if isinstance(root, (KeyError, AttributeError)):
-        # Unknown field: name the override that holds it; ml_collections may suggest a near name.
-        field = str(root.args[0]) if root.args else str(root)
-        overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-        named = next((o for o in overrides if field in o.split(".")[1:]), None)
+    field = str(root.args[0]) if isinstance(root, (KeyError, AttributeError)) and root.args else None
+    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    named = next((o for o in overrides if field in o.split(".")[1:]), None) if field else None
+    if named:
+        # An unknown field: ml_collections may have suggested a near name.
         hints = (re.search(r'Did you mean "[^"]*"', str(c)) for c in causes)
         hint = next(("did you mean " + h.group(0)[len("Did you mean "):] + "?" for h in hints if h), "")
-        message = f"--{named or 'config'}: {config or 'the config'} has no field {field!r}"
+        message = f"--{named}: {config} has no field {field!r}"
         return f"{message} ({hint})" if hint else message
     if isinstance(error, flags.Error) and "\n" not in str(error):
         return str(error)  # absl's own messages name the flag and the value
