@@ -28,10 +28,9 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -126,7 +125,7 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
     app.run(checked_main, flags_parser=parse)
 
 
-def _exit(name: str, message: str) -> None:
+def _exit(name: str, message: str) -> NoReturn:
     sys.exit(f"{name}: error: {' '.join(message.split())}")
 
 
@@ -154,8 +153,8 @@ def _parse_error_message(error: Exception, argv: list[str]) -> str:
     named = next((o for o in overrides if field in o.split(".")[1:]), None) if field else None
     if named:
         # An unknown field: ml_collections may have suggested a near name.
-        hints = (re.search(r'Did you mean "[^"]*"', str(c)) for c in causes)
-        hint = next(("did you mean " + h.group(0)[len("Did you mean "):] + "?" for h in hints if h), "")
+        hints = (re.search(r'Did you mean ("[^"]*")', str(c)) for c in causes)
+        hint = next((f"did you mean {h.group(1)}?" for h in hints if h), "")
         message = f"--{named}: {config} has no field {field!r}"
         return f"{message} ({hint})" if hint else message
     if isinstance(error, flags.Error) and "\n" not in str(error):
@@ -176,9 +175,7 @@ def _exit_if_config_failed(name: str, argv: list[str]) -> None:
     """config_flags keeps a config file's load error until the config is first read: read it now."""
     if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
         return
-    value = flags.FLAGS["config"].value
-    if not isinstance(value, ml_collections.ConfigDict):
-        try:
-            value.keys()
-        except OSError as error:
-            _exit(name, _config_file_message(_config_argument(argv), _causes(error)[-1]))
+    try:
+        getattr(flags.FLAGS["config"].value, "keys", None)  # the stand-in raises OSError on any access
+    except OSError as error:
+        _exit(name, _config_file_message(_config_argument(argv), _causes(error)[-1]))
