@@ -10,8 +10,9 @@ Command (from the repository root), after preparing the latents once:
 Variants (the text after ``:``; no text = ``dit_xl2_tread``, the paper's headline run):
 ``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2``, ``ssm_b2`` (dense
 baselines), the same names with ``_tread`` (``routing.default_route``: one route over blocks
-2..depth-4 at ratio 0.5: S/B 2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``: the dense fine-tune of a routed run (the paper's guided
-"(F)" rows), which starts from the routed run's checkpoint with routing off:
+2..depth-4 at ratio 0.5: S/B 2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``:
+the dense fine-tune of a routed run (the paper's guided "(F)" rows), which starts from the
+routed run's checkpoint with routing off:
 
     python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft \\
         --config.init_from=/ckpt/dit_xl2_tread --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread_ft

@@ -69,7 +69,8 @@ print(json.dumps(results))
 """
 
 
-def run_commands(commands: list[tuple[str, list[str], Path, str]], env: dict[str, str]) -> dict[str, tuple[int, str, str]]:
+def run_commands(commands: list[tuple[str, list[str], Path, str]],
+                 env: dict[str, str]) -> dict[str, tuple[int, str, str]]:
     """``{name: (exit code, output, error type)}`` of ``(name, argv, case_dir, mode)`` commands."""
     payload = json.dumps({"names": BINARY_NAMES,
                           "commands": [[name, argv, str(case_dir), mode] for name, argv, case_dir, mode in commands]})

@@ -62,7 +62,8 @@ def _commands() -> list[tuple[str, list[str]]]:
             found.setdefault(f"{path.relative_to(REPO)}: {match.group(0).strip()}", [match.group(1), *args])
         for config in _LAUNCH_CONFIG.findall(_text(path)):
             # What the launch script runs on every worker, less the launch-only options.
-            found.setdefault(f"{path.relative_to(REPO)}: launch --config {config}", ["tread_jax.main", f"--config={config}", "--workdir=DIR"])
+            found.setdefault(f"{path.relative_to(REPO)}: launch --config {config}",
+                             ["tread_jax.main", f"--config={config}", "--workdir=DIR"])
     return sorted(found.items())
 
 
@@ -82,7 +83,8 @@ def _overrides() -> list[tuple[str, str, str]]:
                 for key in field.split("."):
                     value = value[key]
                 written = value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list) else value)
-                found.setdefault(f"{path.relative_to(REPO)}: {field}", (FALLBACK_CONFIGS[:1], f"--config.{field}={written}"))
+                found.setdefault(f"{path.relative_to(REPO)}: {field}",
+                                 (FALLBACK_CONFIGS[:1], f"--config.{field}={written}"))
     return [(name, configs, override) for name, (configs, override) in sorted(found.items())]
 
 
@@ -94,7 +96,8 @@ def test_the_documents_were_read():
     """The extraction finds what it must (a failure here means the patterns above went stale)."""
     names = " ".join(name for name, _ in COMMANDS)
     for expected in ("README.md: python -m tread_jax.main --config=configs/digits.py",
-                     "configs/imagenet256.py: python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft",
+                     "configs/imagenet256.py: python -m tread_jax.main "
+                     "--config=configs/imagenet256.py:dit_xl2_tread_ft",
                      "README.md: python -m tread_jax.evaluate", "tread_jax.metrics.reference_stats",
                      "tread_jax.data.prepare_latents"):
         assert expected in names, names
