@@ -152,9 +152,11 @@ def _parse_error_message(error: Exception, argv: list[str]) -> str:
     overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     named = next((o for o in overrides if field in o.split(".")[1:]), None) if field else None
     if named:
-        # An unknown field: ml_collections may have suggested a near name.
+        # An unknown field: ml_collections may have suggested a near name; else list the fields.
         hints = (re.search(r'Did you mean ("[^"]*")', str(c)) for c in causes)
         hint = next((f"did you mean {h.group(1)}?" for h in hints if h), "")
+        parts = named.split(".")[1:]
+        hint = hint or _fields_at(config, parts[: parts.index(field)])
         message = f"--{named}: {config} has no field {field!r}"
         return f"{message} ({hint})" if hint else message
     if isinstance(error, flags.Error) and "\n" not in str(error):
@@ -162,6 +164,18 @@ def _parse_error_message(error: Exception, argv: list[str]) -> str:
     # Raised by the config file itself: a ValueError says what is wrong (an unknown variant).
     what = str(root) if isinstance(root, ValueError) else f"{type(root).__name__}: {root}"
     return f"--config={config}: {what}"
+
+
+def _fields_at(config: str, parent: list[str]) -> str:
+    """"fields there: a, b, c" of the config section ``parent``, or "" if it cannot be built."""
+    file, _, variant = config.partition(":")
+    try:
+        node = load_config_module(file).get_config(*([variant] if variant else []))
+        for key in parent:
+            node = node[key]
+        return "fields there: " + ", ".join(sorted(node.keys()))
+    except Exception:  # pylint: disable=broad-except  # only a hint: the error is reported anyway
+        return ""
 
 
 def _config_file_message(config: str, error: OSError) -> str:
