@@ -46,7 +46,8 @@ CASES = [
     # Issue 13, case 3: files, fields and routes that do not parse.
     ("missing config file", "configs/nope.py", [], "configs/nope.py"),
     ("unknown field", DIGITS, ["--config.bogus_field=1"], "--config.bogus_field"),
-    ("unknown nested field", DIGITS, ["--config.data.bogus=1"], "--config.data.bogus: configs/digits.py has no field 'bogus' (fields there: data_dir,"),
+    ("unknown nested field", DIGITS, ["--config.data.bogus=1"],
+     "--config.data.bogus: configs/digits.py has no field 'bogus' (fields there: data_dir,"),
     ("misspelt section", DIGITS, ["--config.datta.data_dir=/x"], 'did you mean "data"'),
     ("routes do not parse", DIGITS, ["--config.routes=foo"], "routes ('foo',) do not parse"),
     ("value of the wrong type", DIGITS, ["--config.num_train_steps=abc"], "--config.num_train_steps=abc"),
