@@ -9,24 +9,26 @@ Command (from the repository root), after preparing the latents once:
 
 Variants (the text after ``:``; no text = ``dit_xl2_tread``, the paper's headline run):
 ``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2``, ``ssm_b2`` (dense
-baselines), the same names with ``_tread`` (one route over blocks 2..depth-4 at ratio 0.5: S/B
-2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``: the dense fine-tune of a routed run (the paper's guided
-"(F)" rows), which starts from the routed run's checkpoint with routing off:
+baselines), the same names with ``_tread`` (``routing.default_route``: one route over blocks
+2..depth-4 at ratio 0.5: S/B 2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``:
+the dense fine-tune of a routed run (the paper's guided "(F)" rows), which starts from the
+routed run's checkpoint with routing off:
 
     python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft \\
         --config.init_from=/ckpt/dit_xl2_tread --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread_ft
 
 DiT = EDM objective (as the published TREAD code); SiT = the same network with the flow
 objective; SSM = the Mamba-style backbone (SSM-B/2, 112.6M parameters, 19 blocks; the paper's
-111M Mamba) with the EDM objective and routing that keeps the kept tokens in scan order. Training as DESIGN.md: global batch 256, AdamW 1e-4 (betas 0.9/0.999, no decay, no
-warmup, no clipping), EMA 0.9999, bfloat16 compute with float32 parameters, 400K steps,
-label dropout 0.1 for classifier-free guidance.
+111M Mamba) with the EDM objective and routing that keeps the kept tokens in scan order. Training as
+published (configs/common.py, docs/method.md): global batch 256, AdamW 1e-4 (betas 0.9/0.999,
+no decay, no warmup, no clipping), EMA 0.9999, bfloat16 compute with float32 parameters, 400K
+steps, label dropout 0.1 for classifier-free guidance.
 
 Hardware: sized for one host with 8 GPUs of 80 GB (A100/H100) or a Cloud TPU slice of 16-32
 chips; the batch is split over every device the job has, so smaller machines run it too,
 only slower (DiT-XL/2 keeps about 11 GB of float32 parameters, Adam state and EMA).
 
-Expected FID-50K at 400K steps, no guidance (paper, ImageNet 256; DESIGN.md):
+Expected FID-50K at 400K steps, no guidance (paper, ImageNet 256; docs/method.md):
 
     model      params  dense   TREAD
     DiT-S/2    33M     68.40   47.04
@@ -46,13 +48,15 @@ written as ``eval/<metric>`` scalars. Set ``--config.eval.reference=/data/VIRTUA
 is computed. ``--config.eval.every=0`` turns it off; FID-50K comes from ``tread_jax.evaluate``.
 """
 
-import importlib.util
+import dataclasses
 import os
 
 import ml_collections
 
-from tread_jax import data, diffusion, models
+from tread_jax import cli, diffusion, models, routing
 from tread_jax.data import latents
+
+common = cli.load_config_module(os.path.join(os.path.dirname(__file__), "common.py"))
 
 # variant prefix -> (model name, objective)
 MODELS = {
@@ -69,14 +73,6 @@ TRAIN_STEPS = 400_000
 FINETUNE_STEPS = 100_000
 # DiT's showcase classes (macaw, golden retriever, arctic fox, otter, red panda, ...) for grids.
 GRID_CLASSES = [88, 207, 279, 360, 387, 417, 974, 979]
-
-
-def _digits_config() -> ml_collections.ConfigDict:
-    """configs/digits.py's config: the one place that defines every field the trainer reads."""
-    spec = importlib.util.spec_from_file_location("configs_digits", os.path.join(os.path.dirname(__file__), "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def parse_variant(variant: str | None) -> tuple[str, bool, bool]:
@@ -99,17 +95,12 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     model_name, objective = MODELS[base]
     depth = models.model_spec(model_name)[1]["depth"]
 
-    config = _digits_config()
+    config = common.base_config()
     config.model.name = model_name
-    config.model.overrides = {}
-    config.model.compute_dtype = "bfloat16"
-    # DESIGN.md placement: one route over blocks 2..depth-4, half the tokens skip it.
-    # The fine-tune trains the routed weights densely.
-    config.routes = (dict(start=2, end=depth - 4, ratio=0.5),) if routed and not finetune else ()
+    # The fine-tune trains the routed run's weights densely.
+    config.routes = (dataclasses.asdict(routing.default_route(depth)),) if routed and not finetune else ()
     config.diffusion = diffusion.default_config(objective)
-    config.label_dropout = 0.1
 
-    config.data = data.default_config()
     config.data.name = latents.dataset_name(resolution)
     config.data.in_memory = False  # 2.6M records (with mirrors) of 16 KB at 256 px
     config.data.flip = False  # mirrors are encoded into the dataset by prepare_latents --flip
@@ -118,27 +109,15 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     config.data.sample_latents = True
     config.data.vae = "stabilityai/sd-vae-ft-ema"  # decodes sample grids and evaluation samples
 
-    config.global_batch_size = 256
     config.num_train_steps = TRAIN_STEPS + (FINETUNE_STEPS if finetune else 0)
     # Fine-tune: the routed run's workdir, whose latest checkpoint starts this run ("" = none).
     config.init_from = ""
-    config.optim = ml_collections.ConfigDict(
-        dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, decay_steps=0, grad_clip=0.0)
-    )
-    config.ema_decay = 0.9999
 
-    config.log_every = 100
-    config.checkpoint_every = 10_000
-    config.max_to_keep = 3
-    config.sample = ml_collections.ConfigDict(
-        dict(every=10_000, per_class=4, num_steps=40, guidance=1.0, classes=GRID_CLASSES)
-    )
+    config.sample.classes = GRID_CLASSES
     # FID-50K comes from the evaluation binary (tread_jax.evaluate), not the end-of-run report;
     # in-loop evaluation tracks FID-5K (module docstring).
-    config.eval.report = ""
     config.eval.every = 50_000
     config.eval.num_samples = 5_000
-    config.eval.num_steps = config.sample.num_steps
     config.eval.per_device_batch = 32
     config.eval.reference = ""  # ADM reference .npz (VIRTUAL_imagenet256_labeled.npz); "" = IS only
     return config

@@ -15,20 +15,19 @@ batch: ``--config.eval.reference=/data/VIRTUAL_imagenet512.npz``.
 
 Hardware: sized for a Cloud TPU slice of 32-64 chips or several 8-GPU hosts (80 GB each).
 
-Expected result: DESIGN.md's reference table (the paper's FID at 400K steps) covers ImageNet
+Expected result: the paper's reference table (FID at 400K steps, docs/method.md) covers ImageNet
 256 only; there is no 400K-step TREAD figure at 512 to compare against here.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from tread_jax import cli
+
+# One definition of the variants: this file builds them at 512.
+imagenet256 = cli.load_config_module(os.path.join(os.path.dirname(__file__), "imagenet256.py"))
+
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    # Loaded by path: config files are not a package, and this keeps one definition of the variants.
-    path = os.path.join(os.path.dirname(__file__), "imagenet256.py")
-    spec = importlib.util.spec_from_file_location("configs_imagenet256", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(variant, 512)
+    return imagenet256.build(variant, 512)

@@ -402,8 +402,9 @@ def test_slurm_job_processes_find_each_other_through_jax_autodetection(tmp_path)
     """
     script, _ = sbatch_dry_run("--task-per", "gpu", "--gpus-per-node", "2", "--python", sys.executable,
                                "--workdir", str(tmp_path), "--", "--config.global_batch_size=3",
-                               # Should the processes not join, stop at the next check instead of training.
-                               "--config.num_train_steps=0")
+                               # Should the processes not join, stop at the next check instead of training:
+                               # a decay that ends before the last step.
+                               "--config.optim.decay_steps=1500")
     exports = dict(re.findall(r"^export (\w+)=(\S+)$", script, re.M))
     argv = srun_argv(script)
     command = argv[argv.index(sys.executable):]

@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory) -> str:
         ({"routes": [dict(start=1, end=5, ratio=0.5)]}, ValueError, r"need 0 <= start <= end < depth=2"),
         ({"routes": [dict(start=0, end=1, ratio=1.0)]}, ValueError, r"ratio is the routed fraction"),
         ({"mesh.fsdp": 3}, ValueError, r"does not divide the 1 devices"),
-        ({"global_batch_size": 0}, ValueError, r"global_batch_size 0 is not divisible"),
+        ({"global_batch_size": 0}, ValueError, r"global_batch_size must be positive, got 0"),
         ({"data.name": "imagenet"}, ValueError, r"unknown dataset 'imagenet'"),
         ({"optim.decay_steps": 2}, ValueError, r"decay_steps \(2\) must exceed optim.warmup_steps \(2\)"),
         ({"optim.decay_steps": 6}, ValueError, r"decay_steps \(6\) is below num_train_steps \(8\)"),

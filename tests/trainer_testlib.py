@@ -6,7 +6,6 @@ milliseconds on CPU; every test changes only what it is about.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,6 +17,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from tread_jax import cli
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits.py"
 COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"tread_jax_test_compilation_cache_{os.getuid()}"
@@ -25,9 +26,7 @@ COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"tread_jax_test_compilation_c
 
 def load_config(path: Path = DIGITS_CONFIG, variant: str | None = None) -> ml_collections.ConfigDict:
     """A config file's config, as ``--config=path[:variant]`` would load it."""
-    spec = importlib.util.spec_from_file_location("config_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = cli.load_config_module(path)
     return module.get_config(variant) if variant else module.get_config()
 
 

@@ -24,21 +24,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 
-from tread_jax import evaluation, workdir as workdir_lib
+from tread_jax import cli, evaluation, workdir as workdir_lib
 from tread_jax.metrics import evaluator
 
 
 def _define_flags() -> None:
     """The binary's flags, defined only when it runs: flags defined at import would collide with
-    those of other binaries that import this module in the same process."""
-    # The trainer's entry point defines --config, --workdir and the multi-host flags.
-    import tread_jax.main  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-
+    those of other binaries imported into the same process (the command-line tests do that)."""
+    cli.define_config_flag("The training run's config file, FILE[:VARIANT].")
+    cli.define_workdir_flag("The training run's workdir: checkpoints in, evaluation results out.")
+    cli.define_multihost_flags()
+    flags.adopt_module_key_flags(cli)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_integer("num_samples", None, "Samples to generate (default: config.eval).")
     flags.DEFINE_string("sampler", None, "Sampler of the objective (flow: euler or heun).")
@@ -58,16 +58,14 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from tread_jax import main as train_main  # pylint: disable=g-import-not-at-top
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    train_main.initialize_distributed()
+    cli.initialize_distributed()
     f = flags.FLAGS
     config, workdir = f.config, f.workdir
-    try:
+    with cli.user_errors():
         settings = evaluation.settings_from_config(
             config, workdir_lib.dataset_info(config, workdir).num_classes, num_samples=f.num_samples, num_steps=f.num_steps,
             guidance_scale=f.guidance_scale, guidance_interval=f.guidance_interval, sampler=f.sampler, seed=f.seed,
@@ -78,12 +76,10 @@ def main(argv: list[str]) -> None:
             config, workdir, settings, step=f.step, reference=f.reference, output=f.output,
             save_npz=f.save_npz, max_batches=f.max_batches, pr_samples=f.pr_samples,
             inception_weights=f.inception_weights, preprocessing=f.inception_preprocessing)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"tread_jax.evaluate: error: {error}")
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main, "tread_jax.evaluate")

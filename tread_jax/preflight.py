@@ -7,6 +7,7 @@ the config should not cost that. ``check`` raises ValueError (bad config), FileN
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -21,11 +22,6 @@ def model_settings(model_config: ml_collections.ConfigDict) -> dict:
     _, kwargs = models.model_spec(model_config.name)
     kwargs.update(model_config.get("overrides", {}) or {})
     return kwargs
-
-
-def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...]:
-    """The config's routes, validated against the model's depth; ValueError naming the problem."""
-    return routing.validate_routes(routing.parse_routes(config.routes), model_settings(config.model)["depth"])
 
 
 def check_local_path(path: str, what: str) -> None:
@@ -50,32 +46,109 @@ def check_workdir(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir!r} is not writable: {error.strerror or error}") from None
 
 
+# Every count and interval the trainer reads, with what it counts. A positive field divides or
+# sizes something (0 would divide by zero or sample nothing); a non-negative field turns its
+# feature off at 0. Fields a config does not have are skipped (the trainer reads them with defaults).
+POSITIVE = {
+    "num_train_steps": "training steps",
+    "global_batch_size": "images per step over all devices",
+    "log_every": "steps between log lines",
+    "checkpoint_every": "steps between checkpoints",
+    "max_to_keep": "checkpoints kept",
+    "sample.per_class": "grid samples per class",
+    "eval.draws": "sample sets the quality report averages",
+    "eval.per_device_batch": "evaluation samples per device per batch",
+    "data.num_threads": "reader threads per process",
+    "data.prefetch_buffer_size": "batches read ahead",
+}
+NON_NEGATIVE = {
+    "sample.every": "steps between sample grids, 0 = none",
+    "eval.every": "steps between in-loop evaluations, 0 = none",
+    "eval.num_samples": "samples per evaluation, 0 = the config's default",
+    "optim.warmup_steps": "learning-rate warmup steps",
+    "optim.decay_steps": "step where the cosine decay reaches 0, 0 = constant",
+    "data.worker_count": "grain worker processes, 0 = none",
+    "fsdp_min_size": "elements below which a parameter stays replicated",
+}
+# Sampler step counts, checked by the objective itself (EDM's Heun needs at least 2).
+SAMPLER_STEPS = ("sample.num_steps", "eval.num_steps")
+
+
+def get_field(config: ml_collections.ConfigDict, path: str) -> tuple[bool, object]:
+    """``(present, value)`` of a dotted field."""
+    node = config
+    for key in path.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def check_counts(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first count or interval that is not an integer in its range."""
+    for fields, lowest, kind in ((POSITIVE, 1, "positive"), (NON_NEGATIVE, 0, ">= 0")):
+        for path, meaning in fields.items():
+            present, value = get_field(config, path)
+            if not present:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path} must be an integer, got {value!r} ({meaning})")
+            if value < lowest:
+                raise ValueError(f"{path} must be {kind}, got {value} ({meaning})")
+
+
+def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...]:
+    """The config's routes, validated against the model's depth; ValueError naming the problem."""
+    try:
+        routes = routing.parse_routes(config.routes)
+    except (TypeError, ValueError, KeyError, IndexError):
+        raise ValueError(
+            f"routes {config.routes!r} do not parse: expected a tuple of routes, each "
+            "{'start': S, 'end': E, 'ratio': R} or (S, E, R), e.g. '((2, 8, 0.5),)'; () = dense"
+        ) from None
+    return routing.validate_routes(routes, model_settings(config.model)["depth"])
+
+
+def check_sampler_steps(config: ml_collections.ConfigDict) -> None:
+    """Each sampler step count is valid for the configured objective."""
+    objective = diffusion.create_objective(config.diffusion)
+    for path in SAMPLER_STEPS:
+        present, value = get_field(config, path)
+        if present:
+            try:
+                dataclasses.replace(objective, num_steps=value)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+
+
 def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
-    """Validates the config against this job's devices and files; returns the dataset info."""
+    """Validates the config against this job's devices and files; returns the dataset info.
+
+    The workdir comes last, so that a run refused for any other reason leaves no trace there.
+    """
+    check_counts(config)
     settings = model_settings(config.model)
     config_routes(config)
-    diffusion.create_objective(config.diffusion)
+    check_sampler_steps(config)
     train_state.learning_rate_schedule(config.optim)
 
     data_size, fsdp_size = sharding.mesh_shape(config.mesh, jax.device_count())
     parallel = data_size * fsdp_size
     batch = config.global_batch_size
-    if batch <= 0 or batch % parallel:
+    if batch % parallel:
         raise ValueError(
             f"global_batch_size {batch} is not divisible by the data-parallel size {parallel} "
             f"(mesh data={data_size} x fsdp={fsdp_size})"
         )
     # The mesh spans every device and each process holds the same number of them, so this also
     # makes the batch divisible by the process count (each process reads an equal share).
-    if config.num_train_steps <= 0:
-        raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
     decay_steps = config.optim.get("decay_steps", 0)
     if 0 < decay_steps < config.num_train_steps:
         raise ValueError(
             f"optim.decay_steps ({decay_steps}) is below num_train_steps ({config.num_train_steps}): the "
             "learning rate would stay 0 after it; change both (or decay_steps=0 for a constant rate)"
         )
-    check_workdir(workdir)
+    check_local_path(workdir, "workdir")
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
     if init_from:
@@ -94,4 +167,5 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
             f"{config.model.name}"
         )
+    check_workdir(workdir)
     return info

@@ -27,6 +27,11 @@ class Route:
     ratio: float = 0.5
 
 
+def default_route(depth: int, ratio: float = 0.5) -> Route:
+    """The published placement: blocks ``2 .. depth - 4`` (DiT-S/B 2->8, L 2->20, XL 2->24)."""
+    return Route(2, depth - 4, ratio)
+
+
 def parse_routes(spec: Iterable[Route | Mapping | Sequence] | None) -> tuple[Route, ...]:
     """Routes from a config value: Route objects, dicts with start/end/ratio, or tuples."""
     routes = []

@@ -97,7 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict()
     config.name = "digits"
-    config.data_dir = None  # None: default_data_dir()
+    # Unset (None): default_data_dir(). A typed placeholder, so --config.data.data_dir=DIR works.
+    config.data_dir = ml_collections.config_dict.placeholder(str)
     config.flip = False
     config.worker_count = 0  # grain worker processes (mp_prefetch); 0 = none
     config.num_threads = 1  # reader threads per process

@@ -10,8 +10,8 @@ TFDS array_record dataset ``<output_dir>/imagenet<res>_latents/1.0.0`` (see ``la
 training reads with ``--config.data.data_dir=<output_dir>``.
 
 Work split. The sorted image list is cut into shards of ``--shard_size`` consecutive images;
-process ``p`` of ``P`` (multi-host: ``--distributed``) owns a contiguous block of shards and
-writes them itself. Within a process, each batch is split over all local devices (a 1-D mesh;
+process ``p`` of ``P`` (multi-host: ``--distributed``, or ``--coordinator_address`` with
+``--num_processes`` and ``--process_id``) owns a contiguous block of shards and writes them itself. Within a process, each batch is split over all local devices (a 1-D mesh;
 the last batch is padded). Host threads decode and crop the next batches while the devices
 encode the current one.
 
@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from array_record.python import array_record_module
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tread_jax import cli
 from tread_jax import vae as vae_lib
 from tread_jax.data import imagenet, latents
 from tread_jax.data.pipeline import default_data_dir
@@ -316,7 +316,8 @@ _SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Source images per output
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Image decoding threads (0: one per CPU).")
 _MAX_SHARDS = flags.DEFINE_integer("max_shards", 0, "Stop after writing this many shards (0: all).")
 _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() from the environment.")
+cli.define_multihost_flags()
+flags.adopt_module_key_flags(cli)
 
 
 def main(argv: list[str]) -> None:
@@ -324,18 +325,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _DATA_DIR.value:
         raise app.UsageError("--data_dir is required")
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    try:
+    cli.initialize_distributed()
+    with cli.user_errors():  # missing input, wrong VAE folder or changed settings
         summary = prepare(
             source=_SOURCE.value, data_dir=_DATA_DIR.value, vae=_VAE.value, resolution=_RESOLUTION.value,
             output_dir=_OUTPUT_DIR.value or default_data_dir(), flip=_FLIP.value, batch_size=_BATCH_SIZE.value,
             shard_size=_SHARD_SIZE.value, num_workers=_NUM_WORKERS.value, max_shards=_MAX_SHARDS.value,
             vae_dtype=_VAE_DTYPE.value,
         )
-    except (ValueError, FileNotFoundError) as error:
-        # Missing input, wrong VAE folder or changed settings: one line, not a traceback.
-        sys.exit(f"prepare_latents: error: {error}")
     rate = summary.images_encoded / max(summary.seconds, 1e-9)
     print(f"process {jax.process_index()}: wrote {summary.shards_written} shards, skipped "
           f"{summary.shards_skipped} complete ones, encoded {summary.images_encoded} images "
@@ -348,4 +345,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "prepare_latents")

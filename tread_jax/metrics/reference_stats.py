@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tread_jax import sharding
+from tread_jax import cli, sharding
 from tread_jax.data import pipeline
 from tread_jax.metrics import evaluator, fid
 
@@ -166,9 +166,10 @@ def load_reference(path: str | os.PathLike, model: Any, *, mesh: jax.sharding.Me
 
 def _define_flags() -> None:
     from absl import flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-    config_flags.DEFINE_config_file("config", None, "Config whose data section names the dataset.")
+    cli.define_config_flag("Config whose data section names the dataset (or --adm_images).", required=False)
+    cli.define_multihost_flags()
+    flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("split", "train", "Dataset split to read (stored order).")
     flags.DEFINE_integer("num_examples", 50_000, "Images to use (at most the split's size).")
     flags.DEFINE_string("adm_images", None, "Read this ADM .npz of uint8 images instead of a dataset.")
@@ -192,14 +193,17 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if (f.config is None) == (f.adm_images is None):
         raise app.UsageError("give exactly one of --config (a dataset) and --adm_images")
+    # Every host runs this command and reads its share of the images.
+    cli.initialize_distributed()
     mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
     batch = f.per_device_batch * jax.device_count()
-    model = inception.load_inception(f.inception_weights, preprocessing=f.inception_preprocessing)
+    with cli.user_errors():  # missing weights, dataset or image batch: one line
+        model = inception.load_inception(f.inception_weights, preprocessing=f.inception_preprocessing)
+        if f.adm_images:
+            images_fn, size = adm_images_fn(f.adm_images, batch, mesh)
+        else:
+            images_fn, size = dataset_images_fn(f.config.data, f.split, mesh)
     extractor = evaluator.InceptionExtractor(model, pr_samples=f.pr_samples)
-    if f.adm_images:
-        images_fn, size = adm_images_fn(f.adm_images, batch, mesh)
-    else:
-        images_fn, size = dataset_images_fn(f.config.data, f.split, mesh)
     stats, pr = compute_reference(images_fn, min(f.num_examples, size), extractor, mesh, batch)
     write_reference(f.output, stats, pr)
     if jax.process_index() == 0:
@@ -207,7 +211,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app  # pylint: disable=g-import-not-at-top
-
     _define_flags()
-    app.run(main)
+    cli.run(main, "tread_jax.metrics.reference_stats")
