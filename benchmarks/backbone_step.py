@@ -13,6 +13,7 @@ at least 0.5).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -30,8 +31,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def digits_config(variant: str | None):
     """``configs/digits.py`` loaded by path (configs are not a package)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("digits_config", CONFIGS / "digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
