@@ -159,14 +159,16 @@ def test_block_after_each_route_rejoins_in_float32():
     # The published switch off, or float32 compute: one stretch per route and between routes.
     for dtype, rejoin in ((jnp.bfloat16, False), (jnp.float32, True)):
         stretches = routing.stretches(plan, 9, dtype, float32_rejoin=rejoin)
-        assert [s.blocks for s in stretches] == [range(0, 1), range(1, 3), range(3, 5), range(5, 6), range(6, 8), range(8, 9)]
+        blocks = [range(0, 1), range(1, 3), range(3, 5), range(5, 6), range(6, 8), range(8, 9)]
+        assert [s.blocks for s in stretches] == blocks
         assert {s.dtype for s in stretches} == {jnp.dtype(dtype)}
 
 
 def test_dense_plan_is_one_stretch():
     assert [s.blocks for s in routing.stretches(None, DEPTH, jnp.bfloat16)] == [range(DEPTH)]
     empty = routing.draw_plan(jax.random.key(0), (Route(1, 3, 0.0),), batch_size=2, num_tokens=8)
-    assert empty.kept == () and [s.blocks for s in routing.stretches(empty, DEPTH, jnp.bfloat16)] == [range(DEPTH)]
+    assert empty.kept == ()
+    assert [s.blocks for s in routing.stretches(empty, DEPTH, jnp.bfloat16)] == [range(DEPTH)]
 
 
 def test_default_route_is_the_published_placement():

@@ -100,12 +100,14 @@ def default_route(depth: int, ratio: float = 0.5) -> Route:
     return Route(2, depth - 4, ratio)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["kept"], meta_fields=["routes", "num_tokens", "keep_order"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["kept"], meta_fields=["routes", "num_tokens", "keep_order"]
+)
 @dataclasses.dataclass(frozen=True)
 class RoutePlan:
     """The token selection of one routed forward pass: a pytree that passes through jit.
 
-    ``routes`` (static) are the active routes, sorted; ``kept`` holds one int32 ``[B, K_r]``
+    ``routes`` (static) are the active routes, in order; ``kept`` holds one int32 ``[B, K_r]``
     array per route, the positions of the tokens that its blocks see (ascending with
     ``keep_order``). The version-1 loss reads ``kept``: the selection the model used.
     """
@@ -147,8 +149,9 @@ def check_plan(plan: RoutePlan, *, depth: int, num_tokens: int, keep_order: bool
     if keep_order and not plan.keep_order:
         raise ValueError("this model scans its tokens in order: draw the route plan with keep_order=True")
     for route, kept in zip(plan.routes, plan.kept, strict=True):
-        if kept.ndim != 2 or kept.shape[1] != num_kept(num_tokens, route.ratio):
-            raise ValueError(f"route {route}: kept indices {kept.shape} are not [B, {num_kept(num_tokens, route.ratio)}]")
+        count = num_kept(num_tokens, route.ratio)
+        if kept.ndim != 2 or kept.shape[1] != count:
+            raise ValueError(f"route {route}: kept indices {kept.shape} are not [B, {count}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +202,8 @@ def stretches(
     start, after_route = 0, False
     for route, kept in zip(plan.routes, plan.kept) if plan is not None else ():
         add(start, route.start, None, after_route)
-        # A route that starts right after another: its first block is the one that rejoins.
+        # A route that starts right after another: its first block is the one that rejoins (a
+        # stretch of its own, which gathers again the tokens just scattered: the same values).
         add(route.start, route.end + 1, kept, after_route and start == route.start)
         start, after_route = route.end + 1, True
     add(start, depth, None, after_route)

@@ -142,16 +142,16 @@ class Backbone(nnx.Module):
         _, height, width, _ = x.shape
         grid = (height // self.patch_size, width // self.patch_size)
         if route_plan is not None:
-            routing.check_plan(
-                route_plan, depth=self.depth, num_tokens=self.num_tokens(height, width), keep_order=self.keep_order
-            )
+            num_tokens = self.num_tokens(height, width)
+            routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order)
         pos = sincos_pos_embed_2d(self.hidden_size, *grid)
         tokens = self.patch_embed(x.astype(self.compute_dtype)) + pos.astype(self.compute_dtype)
         c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
         for stretch in routing.stretches(
             route_plan, self.depth, self.compute_dtype, float32_rejoin=self.float32_after_route
         ):
-            out = self.run_blocks(stretch.blocks, stretch.gather(tokens), c.astype(stretch.dtype), stretch.kept, grid)
-            tokens = stretch.scatter(tokens, out)
+            h = stretch.gather(tokens)
+            h = self.run_blocks(stretch.blocks, h, c.astype(stretch.dtype), stretch.kept, grid)
+            tokens = stretch.scatter(tokens, h)
         out = self.final_layer(tokens, c)
         return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)
