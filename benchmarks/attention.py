@@ -2,7 +2,7 @@
 
 ``dot_product_attention`` is what DiT uses (``jax.nn.dot_product_attention``, XLA path: 4-D
 einsums); ``batched_matmul`` is the same math as head-batched ``[B*H, N, d]`` matmuls, the
-form ENVIRONMENT.md found faster in backward on this CPU for an earlier prototype.
+form an earlier prototype found faster in backward on a 2-core CPU.
 
     python benchmarks/attention.py --batch=8 --tokens=256 --heads=4 --head_dim=64 --reps=20
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import einops
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -26,11 +27,10 @@ flags.DEFINE_integer("reps", 20, "timed repetitions per formulation")
 
 def batched_matmul(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention over ``[B, N, H, d]`` inputs as ``[B*H, N, d]`` batched matmuls."""
-    b, n, h, d = q.shape
-    to_heads = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, n, d)
-    q, k, v = map(to_heads, (q, k, v))
+    b, _, _, d = q.shape
+    q, k, v = (einops.rearrange(t, "b n h d -> (b h) n d") for t in (q, k, v))
     weights = jax.nn.softmax(jnp.matmul(q, k.transpose(0, 2, 1)) * d**-0.5, axis=-1)
-    return jnp.matmul(weights, v).reshape(b, h, n, d).transpose(0, 2, 1, 3)
+    return einops.rearrange(jnp.matmul(weights, v), "(b h) n d -> b n h d", b=b)
 
 
 FORMULATIONS = {

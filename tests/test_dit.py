@@ -16,6 +16,7 @@ from flax import nnx
 from tread_jax.models import create_model
 from tread_jax.models.convert import dit_from_diffusers
 from tread_jax.models.flops import dit_forward_macs
+from tread_jax import routing
 from tread_jax.routing import Route
 
 PAPER = {  # DiT paper, Table 4: parameters (millions) and forward GFLOPs (MACs) at 256x256
@@ -24,11 +25,11 @@ PAPER = {  # DiT paper, Table 4: parameters (millions) and forward GFLOPs (MACs)
     "DiT-L/2": (458, 80.71),
     "DiT-XL/2": (675, 118.64),
 }
-DEFAULT_ROUTES = {  # DESIGN.md: start 2, end depth - 4, ratio 0.5, and the quoted routed/dense cost
-    "DiT-S/2": (Route(2, 8), 0.70),
-    "DiT-B/2": (Route(2, 8), 0.70),
-    "DiT-L/2": (Route(2, 20), 0.60),
-    "DiT-XL/2": (Route(2, 24), 0.58),
+ROUTED_COST = {  # docs/method.md: routed/dense forward cost with the default route
+    "DiT-S/2": 0.70,
+    "DiT-B/2": 0.70,
+    "DiT-L/2": 0.60,
+    "DiT-XL/2": 0.58,
 }
 
 
@@ -138,7 +139,8 @@ def _xla_macs(model, routes=()) -> float:
     graphdef, params = nnx.split(model, nnx.Param)
 
     def forward(params, x, t, y, key):
-        return nnx.merge(graphdef, params)(x, t, y, routes=routes, route_key=key)
+        plan = routing.draw_plan(key, routes, batch_size=1, num_tokens=model.num_tokens(32, 32))
+        return nnx.merge(graphdef, params)(x, t, y, route_plan=plan)
 
     lowered = jax.jit(forward).lower(
         params,
@@ -164,10 +166,10 @@ def test_parameter_count_and_cost_match_paper(name):
     assert analytic == pytest.approx(xla, rel=0.02)
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_ROUTES))
+@pytest.mark.parametrize("name", list(ROUTED_COST))
 def test_routed_cost_ratio(name):
     model = _abstract(name)
-    route, quoted = DEFAULT_ROUTES[name]
+    route, quoted = routing.default_route(model.depth), ROUTED_COST[name]
     ratio = dit_forward_macs(model, 32, 32, (route,)) / dit_forward_macs(model, 32, 32)
     assert ratio == pytest.approx(quoted, abs=0.015)
     if (
@@ -204,11 +206,14 @@ def _tiny(compute_dtype, **kw) -> nnx.Module:
     return nnx.merge(graphdef, params)
 
 
+def _plan(routes, x):
+    """The route plan of key 3 for the 4x4 tokens of ``x`` (the same tokens in every test)."""
+    return routing.draw_plan(jax.random.key(3), routes, batch_size=x.shape[0], num_tokens=16)
+
+
 def _qkv_input_dtypes(model, x, t, y, routes) -> list[jnp.dtype]:
     """Dtype of the activations entering each block's qkv projection, in program order."""
-    jaxpr = jax.make_jaxpr(
-        lambda x: model(x, t, y, routes=routes, route_key=jax.random.key(3))
-    )(x)
+    jaxpr = jax.make_jaxpr(lambda x: model(x, t, y, route_plan=_plan(routes, x)))(x)
     kernel_shape = model.blocks[0].qkv.kernel.shape
     found = []
 
@@ -234,9 +239,7 @@ def test_bfloat16_compute_and_float32_after_route():
     f32, bf16 = _tiny(jnp.float32), _tiny(jnp.bfloat16)
 
     def routed(model):  # the same key selects the same tokens in both precisions
-        return jax.jit(
-            lambda x: model(x, t, y, routes=routes, route_key=jax.random.key(3))
-        )(x)
+        return jax.jit(lambda x: model(x, t, y, route_plan=_plan(routes, x)))(x)
 
     out32, out16 = routed(f32), routed(bf16)
     assert out16.dtype == jnp.float32 and bool(jnp.isfinite(out16).all())
@@ -264,7 +267,7 @@ def test_scanned_and_rematerialised_blocks_compute_the_same():
         graphdef, params = nnx.split(_tiny(jnp.float32, **options), nnx.Param)
 
         def loss(params):
-            out = nnx.merge(graphdef, params)(x, t, y, routes=routes, route_key=jax.random.key(3))
+            out = nnx.merge(graphdef, params)(x, t, y, route_plan=_plan(routes, x))
             return jnp.mean(jnp.square(out)), out
 
         fn = jax.value_and_grad(loss, has_aux=True)

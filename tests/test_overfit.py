@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from tread_jax import diffusion
+from tread_jax import diffusion, routing
 from tread_jax.models import create_model
 from tread_jax.routing import Route
 
@@ -49,11 +49,10 @@ def test_tiny_dit_overfits_one_batch(routes):
 
     def loss_fn(params, route_key):
         model = nnx.merge(graphdef, params)
+        plan = routing.draw_plan(route_key, routes, batch_size=8, num_tokens=model.num_tokens(8, 8))
 
         def net(x, noise_labels, class_labels):
-            return model(
-                x, noise_labels, class_labels, routes=routes, route_key=route_key
-            )
+            return model(x, noise_labels, class_labels, route_plan=plan)
 
         return objective.loss(net, images, labels, loss_key).mean()
 

@@ -20,10 +20,13 @@ def affine_block(i, x):
     return x * (1.0 + 0.1 * (i + 1)) + (i + 1)
 
 
-def affine_blocks(blocks, x, positions):
-    del positions
-    for i in blocks:
-        x = affine_block(i, x)
+def run_affine(x, plan, depth=DEPTH):
+    """A backbone's forward over affine blocks: the plain loop over the plan's stretches."""
+    for stretch in routing.stretches(plan, depth, x.dtype):
+        h = stretch.gather(x)
+        for i in stretch.blocks:
+            h = affine_block(i, h)
+        x = stretch.scatter(x, h)
     return x
 
 
@@ -55,8 +58,9 @@ def test_routed_tokens_skip_the_span_and_kept_tokens_run_it():
     x = jax.random.normal(jax.random.key(0), (5, 16, 3))
     route = Route(1, 3, 0.5)
     key = jax.random.key(7)
-    out = routing.apply_blocks(affine_blocks, x, DEPTH, (route,), key)
-    (idx,) = routing.kept_indices(key, (route,), 5, 16)
+    plan = routing.draw_plan(key, (route,), batch_size=5, num_tokens=16)
+    out = run_affine(x, plan)
+    (idx,) = plan.kept
     kept = np.zeros((5, 16), bool)
     kept[np.arange(5)[:, None], np.asarray(idx)] = True
 
@@ -74,8 +78,9 @@ def test_vectorised_transform_matches_per_sample_loop():
     x = jax.random.normal(jax.random.key(2), (4, 12, 5))
     routes = (Route(0, 1, 0.5), Route(3, 4, 0.25))
     key = jax.random.key(11)
-    out = routing.apply_blocks(affine_blocks, x, DEPTH, routes, key)
-    indices = [np.asarray(i) for i in routing.kept_indices(key, routes, 4, 12)]
+    plan = routing.draw_plan(key, routes, batch_size=4, num_tokens=12)
+    out = run_affine(x, plan)
+    indices = [np.asarray(i) for i in plan.kept]
     expected = np.array(x)
     for b in range(4):
         h = expected[b]
@@ -97,33 +102,78 @@ def test_vectorised_transform_matches_per_sample_loop():
 
 
 @pytest.mark.parametrize("keep_order", [False, True])
-def test_blocks_are_told_the_positions_of_the_tokens_they_see(keep_order):
+def test_stretches_tell_blocks_the_positions_of_the_tokens_they_see(keep_order):
     routes = (Route(1, 2, 0.5), Route(4, 5, 0.25), Route(6, 6, 0.0))
     batch, num_tokens, depth, key = 3, 20, 7, jax.random.key(5)
-    seen, stretches = {}, []
-
-    def record(blocks, x, positions):
-        stretches.append(blocks)
-        for i in blocks:  # each token carries its own original position as its value
-            seen[i] = (np.asarray(x[..., 0]).astype(int), None if positions is None else np.asarray(positions))
-        return x
-
+    plan = routing.draw_plan(key, routes, batch_size=batch, num_tokens=num_tokens, keep_order=keep_order)
+    # The ratio-0 route drops no token: it is left out of the plan and runs densely.
+    assert plan.routes == routes[:2] and len(plan.kept) == 2
+    stretches = routing.stretches(plan, depth, jnp.float32)
+    assert [s.blocks for s in stretches] == [range(0, 1), range(1, 3), range(3, 4), range(4, 6), range(6, 7)]
+    # Each token carries its own original position as its value.
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.float32)[None, :, None], (batch, num_tokens, 1))
-    routing.apply_blocks(record, tokens, depth, routes, key, keep_order=keep_order)
-    # One call per stretch of blocks that see the same tokens; the ratio-0 route joins the dense part.
-    assert stretches == [range(0, 1), range(1, 3), range(3, 4), range(4, 6), range(6, 7)]
-    kept = routing.kept_indices(key, routes[:2], batch, num_tokens, keep_order=keep_order)
-    expected = [None, kept[0], kept[0], None, kept[1], kept[1], None]  # ratio 0 runs densely
-    for i in range(depth):
-        values, positions = seen[i]
-        if expected[i] is None:
-            assert positions is None
+    expected = [None, plan.kept[0], None, plan.kept[1], None]
+    for stretch, kept in zip(stretches, expected):
+        values = np.asarray(stretch.gather(tokens)[..., 0]).astype(int)
+        if kept is None:
+            assert stretch.kept is None
             np.testing.assert_array_equal(values, np.broadcast_to(np.arange(num_tokens), (batch, num_tokens)))
         else:
-            np.testing.assert_array_equal(positions, expected[i])
-            np.testing.assert_array_equal(values, positions)
+            np.testing.assert_array_equal(stretch.kept, kept)
+            np.testing.assert_array_equal(values, kept)
             if keep_order:
-                assert np.all(np.diff(positions, axis=1) > 0)
+                assert np.all(np.diff(np.asarray(kept), axis=1) > 0)
+
+
+def test_plan_draws_each_active_route_from_its_own_fold_of_the_key():
+    # The draw of every training step depends on this: route i of the active routes (those that
+    # drop a token) uses fold_in(key, i), an argsort of uniform noise; inactive ones take no fold.
+    key = jax.random.key(9)
+    routes = (Route(0, 0, 0.0), Route(1, 2, 0.5), Route(3, 3, 0.05), Route(4, 5, 0.25))
+    plan = routing.draw_plan(key, routes, batch_size=4, num_tokens=16)
+    assert plan.routes == (Route(1, 2, 0.5), Route(4, 5, 0.25))
+    for i, (route, kept) in enumerate(zip(plan.routes, plan.kept)):
+        noise = jax.random.uniform(jax.random.fold_in(key, i), (4, 16))
+        np.testing.assert_array_equal(kept, jnp.argsort(noise, axis=-1)[:, : routing.num_kept(16, route.ratio)])
+
+
+def test_plan_passes_through_jit():
+    routes = (Route(1, 2, 0.5),)
+    draw = jax.jit(lambda key: routing.draw_plan(key, routes, batch_size=2, num_tokens=8, keep_order=True))
+    plan = draw(jax.random.key(0))
+    assert isinstance(plan, routing.RoutePlan) and plan.routes == routes and plan.keep_order
+    x = jax.random.normal(jax.random.key(1), (2, 8, 3))
+    np.testing.assert_allclose(jax.jit(run_affine)(x, plan), run_affine(x, plan), rtol=1e-6)
+
+
+def test_block_after_each_route_rejoins_in_float32():
+    # Adjacent routes: block 3 ends nothing but starts the second route right after the first.
+    routes = (Route(1, 2, 0.5), Route(3, 4, 0.5), Route(6, 7, 0.5))
+    plan = routing.draw_plan(jax.random.key(0), routes, batch_size=2, num_tokens=8)
+    bf, f = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    got = [(s.blocks, s.kept is None, s.dtype) for s in routing.stretches(plan, 9, jnp.bfloat16)]
+    assert got == [
+        (range(0, 1), True, bf), (range(1, 3), False, bf), (range(3, 4), False, f), (range(4, 5), False, bf),
+        (range(5, 6), True, f), (range(6, 8), False, bf), (range(8, 9), True, f),
+    ]
+    # The published switch off, or float32 compute: one stretch per route and between routes.
+    for dtype, rejoin in ((jnp.bfloat16, False), (jnp.float32, True)):
+        stretches = routing.stretches(plan, 9, dtype, float32_rejoin=rejoin)
+        blocks = [range(0, 1), range(1, 3), range(3, 5), range(5, 6), range(6, 8), range(8, 9)]
+        assert [s.blocks for s in stretches] == blocks
+        assert {s.dtype for s in stretches} == {jnp.dtype(dtype)}
+
+
+def test_dense_plan_is_one_stretch():
+    assert [s.blocks for s in routing.stretches(None, DEPTH, jnp.bfloat16)] == [range(DEPTH)]
+    empty = routing.draw_plan(jax.random.key(0), (Route(1, 3, 0.0),), batch_size=2, num_tokens=8)
+    assert empty.kept == ()
+    assert [s.blocks for s in routing.stretches(empty, DEPTH, jnp.bfloat16)] == [range(DEPTH)]
+
+
+def test_default_route_is_the_published_placement():
+    assert routing.default_route(12) == Route(2, 8, 0.5)
+    assert routing.default_route(28, 0.25) == Route(2, 24, 0.25)
 
 
 @pytest.mark.parametrize(
@@ -150,9 +200,19 @@ def test_parse_routes_accepts_config_forms():
     assert routing.parse_routes(None) == ()
 
 
-def test_route_without_key_is_an_error():
-    with pytest.raises(ValueError, match="route_key"):
-        routing.apply_blocks(affine_blocks, jnp.zeros((1, 8, 2)), DEPTH, (Route(1, 2),), None)
+def test_plan_that_does_not_fit_the_model_is_an_error():
+    model = tiny_dit()
+    x, t, y = model_inputs()
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="end < depth"):
+        model(x, t, y, route_plan=routing.draw_plan(key, (Route(1, DEPTH),), batch_size=3, num_tokens=16))
+    with pytest.raises(ValueError, match="drawn for 64 tokens, the model sees 16"):
+        model(x, t, y, route_plan=routing.draw_plan(key, (Route(1, 2),), batch_size=3, num_tokens=64))
+    ssm = create_model("SSM-S/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=16,
+                       d_state=4, rngs=nnx.Rngs(0))
+    assert ssm.keep_order and not model.keep_order and ssm.num_tokens(8, 8) == 16
+    with pytest.raises(ValueError, match="keep_order=True"):
+        ssm(x, t, y, route_plan=routing.draw_plan(key, (Route(0, 0),), batch_size=3, num_tokens=16))
 
 
 def tiny_dit(**kwargs):
@@ -172,6 +232,10 @@ def randomize(model, seed=1):
     return model
 
 
+def plan(routes, key=0, batch=3):
+    return routing.draw_plan(jax.random.key(key), routes, batch_size=batch, num_tokens=16)
+
+
 def model_inputs(batch=3):
     x = jax.random.normal(jax.random.key(5), (batch, 8, 8, 1))
     return x, jnp.linspace(-1.0, 1.0, batch), jnp.arange(batch) % 11
@@ -181,7 +245,7 @@ def test_ratio_zero_is_exactly_dense():
     model = randomize(tiny_dit())
     x, t, y = model_inputs()
     dense = model(x, t, y)
-    routed = model(x, t, y, routes=(Route(1, 3, 0.0),), route_key=jax.random.key(0))
+    routed = model(x, t, y, route_plan=plan((Route(1, 3, 0.0),)))
     np.testing.assert_array_equal(dense, routed)
 
 
@@ -189,8 +253,8 @@ def test_routing_changes_the_forward_and_depends_on_the_key():
     model = randomize(tiny_dit())
     x, t, y = model_inputs()
     routes = (Route(1, 3, 0.5),)
-    a = model(x, t, y, routes=routes, route_key=jax.random.key(0))
-    b = model(x, t, y, routes=routes, route_key=jax.random.key(1))
+    a = model(x, t, y, route_plan=plan(routes))
+    b = model(x, t, y, route_plan=plan(routes, key=1))
     assert not np.allclose(a, model(x, t, y))
     assert not np.allclose(a, b)
 
@@ -201,7 +265,7 @@ def test_gradients_reach_every_parameter_when_routed():
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(p):
-        out = nnx.merge(graphdef, p)(x, t, y, routes=(Route(1, 3, 0.5),), route_key=jax.random.key(0))
+        out = nnx.merge(graphdef, p)(x, t, y, route_plan=plan((Route(1, 3, 0.5),)))
         return jnp.mean(jnp.square(out - x))
 
     grads = jax.grad(loss)(params)
@@ -215,9 +279,9 @@ def test_block_after_route_runs_in_float32_under_bfloat16():
     model = randomize(tiny_dit(compute_dtype=jnp.bfloat16))
     x, t, y = model_inputs()
     route = Route(1, 3, 0.5)
-    jaxpr = str(jax.make_jaxpr(lambda: model(x, t, y, routes=(route,), route_key=jax.random.key(0)))())
+    jaxpr = str(jax.make_jaxpr(lambda: model(x, t, y, route_plan=plan((route,))))())
     off = randomize(tiny_dit(compute_dtype=jnp.bfloat16, float32_after_route=False))
-    jaxpr_off = str(jax.make_jaxpr(lambda: off(x, t, y, routes=(route,), route_key=jax.random.key(0)))())
+    jaxpr_off = str(jax.make_jaxpr(lambda: off(x, t, y, route_plan=plan((route,))))())
     # The block after the route multiplies float32 activations by its float32 weights.
     hidden = 32
     f32_matmul = f"f32[3,16,{hidden}] "

@@ -60,13 +60,18 @@ def perturbed(model: nnx.Module, seed: int, scale: float = 0.1) -> nnx.Module:
     return nnx.merge(graphdef, noisy)
 
 
+def draw(key: jax.Array, routes, batch: int = 2, num_tokens: int = 24) -> routing.RoutePlan:
+    """The SSM's route plan (kept tokens in order) for the tiny model's 4 x 6 token grid."""
+    return routing.draw_plan(key, routes, batch_size=batch, num_tokens=num_tokens, keep_order=True)
+
+
 def pure_forward(model: nnx.Module):
-    """A jitted ``(params, x, t, y, route_key, routes=...) -> out`` over the model's parameters."""
+    """A jitted ``(params, x, t, y, route_plan=None) -> out`` over the model's parameters."""
     graphdef, params = nnx.split(model, nnx.Param)
 
-    @jax.jit(static_argnames="routes")
-    def fwd(params, x, t, y, route_key, routes=()):
-        return nnx.merge(graphdef, params)(x, t, y, routes=routes, route_key=route_key)
+    @jax.jit
+    def fwd(params, x, t, y, route_plan=None):
+        return nnx.merge(graphdef, params)(x, t, y, route_plan=route_plan)
 
     return params, fwd
 
@@ -203,9 +208,9 @@ def tiny_model():
 def test_routing_with_ratio_zero_is_exactly_dense(tiny_model):
     model, (x, t, y) = tiny_model
     params, fwd = pure_forward(model)
-    dense = fwd(params, x, t, y, None)
+    dense = fwd(params, x, t, y)
     assert float(jnp.abs(dense).max()) > 1e-3
-    routed = fwd(params, x, t, y, jax.random.key(3), routes=(routing.Route(1, 2, 0.0),))
+    routed = fwd(params, x, t, y, draw(jax.random.key(3), (routing.Route(1, 2, 0.0),)))
     np.testing.assert_array_equal(routed, dense)
 
 
@@ -213,12 +218,13 @@ def test_routed_forward_matches_a_hand_built_reference(tiny_model):
     model, (x, t, y) = tiny_model
     route, key = routing.Route(1, 3, 0.5), jax.random.key(4)  # blocks 1..3 scan col, row_rev, col_rev
     params, fwd = pure_forward(model)
-    out = fwd(params, x, t, y, key, routes=(route,))
+    plan = draw(key, (route,))
+    out = fwd(params, x, t, y, plan)
 
     # Reference: each sample on its own, the kept tokens sorted by hand along each block's path,
     # and each block run on that sequence as if it were the whole (already path-ordered) input.
     grid_h, grid_w = 4, 6
-    kept = np.asarray(routing.kept_indices(key, (route,), 2, grid_h * grid_w, keep_order=True)[0])
+    kept = np.asarray(plan.kept[0])
     sort_keys = {
         "row": lambda p: p,
         "col": lambda p: (p % grid_w, p // grid_w),
@@ -259,7 +265,8 @@ def test_tiny_ssm_overfits_one_batch(routes):
     def loss_fn(params):
         def net(xin, noise, cls):
             model = nnx.merge(graphdef, params)
-            return model(xin, noise, cls, routes=routes, route_key=jax.random.fold_in(key, 1))
+            plan = draw(jax.random.fold_in(key, 1), routes, batch=8, num_tokens=16)
+            return model(xin, noise, cls, route_plan=plan)
 
         return objective.loss(net, x, labels, key).mean()
 
@@ -276,6 +283,30 @@ def test_tiny_ssm_overfits_one_batch(routes):
     losses = np.asarray(train(params, tx.init(params)))
     assert np.isfinite(losses).all()
     assert losses[-5:].mean() < 0.1 * losses[0], (losses[0], losses[-5:])
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_rematerialised_blocks_compute_the_same(tiny_model, remat):
+    # Routed over blocks 1..2: static scan orders for the dense blocks, per-sample ones inside.
+    model, (x, t, y) = tiny_model
+    plan = draw(jax.random.key(3), (routing.Route(1, 2, 0.5),))
+    graphdef, params = nnx.split(model, nnx.Param)
+    remat_graphdef, _ = nnx.split(SSM(input_size=8, remat=remat, rngs=rngs(0), **TINY), nnx.Param)
+
+    def value_and_grad(graphdef):
+        def loss(params):
+            out = nnx.merge(graphdef, params)(x, t, y, route_plan=plan)
+            return jnp.mean(jnp.square(out)), out
+
+        fn = jax.value_and_grad(loss, has_aux=True)
+        return jax.jit(fn)(params), str(jax.make_jaxpr(fn)(params))
+
+    ((_, reference), reference_grads), plain = value_and_grad(graphdef)
+    ((_, out), grads), program = value_and_grad(remat_graphdef)
+    assert " remat" not in plain and " remat" in program
+    np.testing.assert_allclose(out, reference, atol=1e-5 * float(jnp.abs(reference).max()))
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5 * float(jnp.abs(g_ref).max()) + 1e-12)
 
 
 def test_registry_sizes_and_parameter_count():

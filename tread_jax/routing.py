@@ -1,18 +1,24 @@
-"""TREAD token routing as a pure transform over a sequence of blocks.
+"""TREAD token routing: the whole method, as data a backbone's forward loops over.
 
 A route ``(start, end, ratio)`` lets a random ``floor(N * ratio)`` of the N tokens of every
 sample skip blocks ``start..end`` (0-based, inclusive). The kept tokens are gathered before
 block ``start`` and, after block ``end``, scattered back into a copy of the sequence taken at
-the input of block ``start``: the routed tokens re-enter with the values they had there.
-Nothing here holds state; randomness comes from an explicit key, so a loss function can
-rebuild exactly the same selection from the same key.
+the input of block ``start``: the routed tokens re-enter with the values they had there. The
+block right after a route runs in float32 when the model computes in a lower precision.
+``docs/method.md`` gives the exact definition and defaults.
+
+``draw_plan`` draws the kept tokens (a ``RoutePlan``, from an explicit key) and ``stretches``
+turns a plan into the forward pass: which blocks run together, on which tokens, in which
+dtype. A backbone's forward is a plain loop over the stretches, so a new backbone gets the
+whole method by writing that loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,21 +89,6 @@ def select_tokens(
     return jnp.sort(kept, axis=-1) if keep_order else kept
 
 
-def kept_indices(
-    key: jax.Array,
-    routes: Sequence[Route],
-    batch_size: int,
-    num_tokens: int,
-    *,
-    keep_order: bool = False,
-) -> tuple[jax.Array, ...]:
-    """One ``[B, K_r]`` index array per route, each drawn from its own fold of ``key``."""
-    return tuple(
-        select_tokens(jax.random.fold_in(key, i), batch_size, num_tokens, r.ratio, keep_order=keep_order)
-        for i, r in enumerate(routes)
-    )
-
-
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     """``x[b, idx[b]]`` for every sample: ``[B, N, D], [B, K] -> [B, K, D]``."""
     return jnp.take_along_axis(x, idx[..., None], axis=1)
@@ -109,40 +100,116 @@ def scatter_tokens(full: jax.Array, kept: jax.Array, idx: jax.Array) -> jax.Arra
     return full.at[batch, idx].set(kept.astype(full.dtype), unique_indices=True)
 
 
-def apply_blocks(
-    run_blocks: Callable[[range, jax.Array, jax.Array | None], jax.Array],
-    x: jax.Array,
-    depth: int,
-    routes: Sequence[Route],
-    key: jax.Array | None,
-    *,
-    keep_order: bool = False,
-) -> jax.Array:
-    """Runs blocks ``0..depth-1`` over ``x: [B, N, D]`` as stretches ``run_blocks(blocks, x, positions)``.
+def default_route(depth: int, ratio: float = 0.5) -> Route:
+    """The published placement: blocks ``2 .. depth - 4`` (DiT-S/B 2->8, L 2->20, XL 2->24)."""
+    return Route(2, depth - 4, ratio)
 
-    Each call covers a ``range`` of consecutive blocks that see the same tokens: a whole route,
-    or a dense stretch between routes (so a caller may scan over a stretch's layers).
-    ``positions`` is ``None`` where the blocks see the whole sequence, and inside a route the
-    ``[B, K]`` original positions of the kept tokens (for blocks that depend on token order,
-    such as scans). Routes that drop no token (ratio 0, or too few tokens) run densely, bit for
-    bit.
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["kept"], meta_fields=["routes", "num_tokens", "keep_order"]
+)
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """The token selection of one routed forward pass: a pytree that passes through jit.
+
+    ``routes`` (static) are the active routes, in order; ``kept`` holds one int32 ``[B, K_r]``
+    array per route, the positions of the tokens that its blocks see (ascending with
+    ``keep_order``). The version-1 loss reads ``kept``: the selection the model used.
     """
-    routes = active_routes(validate_routes(routes, depth), x.shape[1])
-    if routes and key is None:
-        raise ValueError("routing needs a route_key")
-    indices = kept_indices(key, routes, x.shape[0], x.shape[1], keep_order=keep_order) if routes else ()
-    start = 0
-    for route, idx in zip(routes, indices):
-        if start < route.start:
-            x = run_blocks(range(start, route.start), x, None)
-        kept = run_blocks(range(route.start, route.end + 1), gather_tokens(x, idx), idx)
-        x = scatter_tokens(x, kept, idx)
-        start = route.end + 1
-    if start < depth:
-        x = run_blocks(range(start, depth), x, None)
-    return x
+
+    routes: tuple[Route, ...]
+    kept: tuple[jax.Array, ...]
+    num_tokens: int
+    keep_order: bool = False
 
 
-def blocks_after_routes(routes: Sequence[Route], num_tokens: int) -> frozenset[int]:
-    """Indices of the blocks that directly follow an active route's end."""
-    return frozenset(r.end + 1 for r in active_routes(routes, num_tokens))
+def draw_plan(
+    key: jax.Array,
+    routes: Sequence[Route],
+    *,
+    batch_size: int,
+    num_tokens: int,
+    keep_order: bool = False,
+) -> RoutePlan:
+    """Draws each sample's kept tokens for ``routes``; routes that drop no token are left out.
+
+    Route ``i`` of the active ones draws from ``fold_in(key, i)``. With ``keep_order`` (models
+    whose blocks scan the tokens in order) the kept indices are ascending. Routes are checked
+    against the model's depth where the plan is used.
+    """
+    active = active_routes(routes, num_tokens)
+    kept = tuple(
+        select_tokens(jax.random.fold_in(key, i), batch_size, num_tokens, r.ratio, keep_order=keep_order)
+        for i, r in enumerate(active)
+    )
+    return RoutePlan(active, kept, num_tokens, keep_order)
+
+
+def check_plan(plan: RoutePlan, *, depth: int, num_tokens: int, keep_order: bool) -> None:
+    """ValueError unless ``plan`` fits a model of ``depth`` blocks over ``num_tokens`` tokens
+    (and, for a model whose blocks scan in order, was drawn with ``keep_order``)."""
+    validate_routes(plan.routes, depth)
+    if plan.num_tokens != num_tokens:
+        raise ValueError(f"route plan drawn for {plan.num_tokens} tokens, the model sees {num_tokens}")
+    if keep_order and not plan.keep_order:
+        raise ValueError("this model scans its tokens in order: draw the route plan with keep_order=True")
+    for route, kept in zip(plan.routes, plan.kept, strict=True):
+        count = num_kept(num_tokens, route.ratio)
+        if kept.ndim != 2 or kept.shape[1] != count:
+            raise ValueError(f"route {route}: kept indices {kept.shape} are not [B, {count}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stretch:
+    """Consecutive blocks that see the same tokens in the same dtype.
+
+    ``kept``: ``None`` where the blocks see the whole sequence; inside a route the ``[B, K]``
+    original positions of the kept tokens (blocks that depend on token order, such as scans,
+    need them). ``dtype``: what the blocks compute in (float32 for the block that rejoins the
+    routed tokens, else the model's compute dtype).
+    """
+
+    blocks: range
+    kept: jax.Array | None
+    dtype: jnp.dtype
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """The tokens of the full sequence ``x: [B, N, D]`` that the blocks see, in ``dtype``."""
+        return (x if self.kept is None else gather_tokens(x, self.kept)).astype(self.dtype)
+
+    def scatter(self, x: jax.Array, out: jax.Array) -> jax.Array:
+        """The full sequence after the stretch, in ``x``'s dtype: ``out`` itself where the blocks
+        saw every token; else the kept tokens written back into ``x`` (the sequence at the route's
+        start), so the routed tokens rejoin with the values they had there."""
+        return out.astype(x.dtype) if self.kept is None else scatter_tokens(x, out, self.kept)
+
+
+def stretches(
+    plan: RoutePlan | None, depth: int, compute_dtype: jnp.dtype, *, float32_rejoin: bool = True
+) -> list[Stretch]:
+    """The forward pass over blocks ``0..depth-1`` as stretches, in order.
+
+    A backbone runs ``x = s.scatter(x, blocks(s.blocks, s.gather(x)))`` for each. With
+    ``float32_rejoin`` (the published code's choice) the block right after a route computes in
+    float32 when ``compute_dtype`` is lower: it is a stretch of its own. ``plan=None`` is dense.
+    """
+    compute_dtype = jnp.dtype(compute_dtype)
+    rejoin_dtype = jnp.dtype(jnp.float32) if float32_rejoin else compute_dtype
+    out: list[Stretch] = []
+
+    def add(lo: int, hi: int, kept: jax.Array | None, after_route: bool) -> None:
+        if lo < hi and after_route and rejoin_dtype != compute_dtype:
+            out.append(Stretch(range(lo, lo + 1), kept, rejoin_dtype))
+            lo += 1
+        if lo < hi:
+            out.append(Stretch(range(lo, hi), kept, compute_dtype))
+
+    start, after_route = 0, False
+    for route, kept in zip(plan.routes, plan.kept) if plan is not None else ():
+        add(start, route.start, None, after_route)
+        # A route that starts right after another: its first block is the one that rejoins (a
+        # stretch of its own, which gathers again the tokens just scattered: the same values).
+        add(route.start, route.end + 1, kept, after_route and start == route.start)
+        start, after_route = route.end + 1, True
+    add(start, depth, None, after_route)
+    return out

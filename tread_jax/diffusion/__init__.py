@@ -1,7 +1,7 @@
 """Diffusion objectives: one loss and one sampler per formulation, behind a small interface.
 
 ``create_objective(config)`` builds an objective from an ml_collections config whose ``name`` is
-"edm" or "flow"; ``default_config(name)`` gives the DESIGN.md defaults for config files to embed.
+"edm" or "flow"; ``default_config(name)`` gives the published defaults (docs/method.md) for config files to embed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Objective(Protocol):
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
-    """The objective's hyperparameters with DESIGN.md defaults, plus ``name``."""
+    """The objective's hyperparameters with the published defaults (docs/method.md), plus ``name``."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
     fields = {f.name: f.default for f in dataclasses.fields(OBJECTIVES[name])}

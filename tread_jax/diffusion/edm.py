@@ -13,7 +13,7 @@ from tread_jax.diffusion.guidance import Guidance, RawNet, check_sample_inputs, 
 
 @dataclasses.dataclass(frozen=True)
 class EDM:
-    """The EDM objective with the published defaults (DESIGN.md, "Objectives and samplers")."""
+    """The EDM objective with the published defaults (docs/method.md, "Objectives and samplers")."""
 
     sigma_data: float = 0.5
     P_mean: float = -1.2

@@ -115,7 +115,7 @@ def check_sample_inputs(noise: jax.Array, class_labels: jax.Array, num_steps: in
 
 
 def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
-    """Replace each label by ``null_class`` with probability ``prob`` (CFG training; DESIGN: 0.1).
+    """Replace each label by ``null_class`` with probability ``prob`` (CFG training; published default 0.1, docs/method.md).
 
     Pure and elementwise over the batch, so it follows the labels' sharding.
     """

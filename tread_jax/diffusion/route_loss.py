@@ -27,9 +27,10 @@ def routed_loss(per_token_loss: jax.Array, kept_indices: Sequence[jax.Array], ma
     """Scalar version-1 loss.
 
     ``mean_r(mean of loss over route r's kept tokens) + mae_coef * mean_r(mean over its routed
-    tokens)``. ``kept_indices`` holds one i32[B, K_r] per route (as routing.kept_indices returns,
-    each row a set of distinct tokens). A route that routes nothing adds 0 to the MAE term. With
-    no routes (a dense step) every token is kept and the result is the plain mean.
+    tokens)``. ``kept_indices`` holds one i32[B, K_r] per route (``routing.RoutePlan.kept``: the
+    selection the model used, each row a set of distinct tokens). A route that routes nothing
+    adds 0 to the MAE term. With no routes (a dense step) every token is kept and the result is
+    the plain mean.
     """
     if per_token_loss.ndim != 2:
         raise ValueError(f"per_token_loss must be [B, N], got shape {per_token_loss.shape}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,8 @@ class Backbone(nnx.Module):
 
     Subclasses build ``self.blocks`` (one module per block) and define ``block_args``.
     ``noise_labels`` are whatever the objective feeds the timestep embedder (EDM: ln(sigma)/4);
-    label ``num_classes`` is the null class. Routing is applied only when ``routes`` are given
-    (training, or sparse guidance).
+    label ``num_classes`` is the null class. Routing is applied only when a ``route_plan`` is
+    given (training, or sparse guidance); the forward is one loop over ``routing.stretches``.
 
     ``scan_blocks`` runs each stretch of consecutive blocks that see the same tokens as one
     ``lax.scan`` over their parameters, stacked at call time, so the program holds one block per
@@ -87,9 +87,14 @@ class Backbone(nnx.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, rngs=rngs)
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, rngs=rngs)
 
+    def num_tokens(self, height: int, width: int) -> int:
+        """Tokens of a ``height x width`` input: the ``num_tokens`` of its route plans."""
+        return (height // self.patch_size) * (width // self.patch_size)
+
     def block_args(self, i: int, positions: jax.Array | None, grid: tuple[int, int]) -> tuple:
-        """Arguments of block ``i`` after ``(tokens, conditioning)`` (``positions``: see
-        ``routing.apply_blocks``)."""
+        """Arguments of block ``i`` after ``(tokens, conditioning)``; ``positions`` is a stretch's
+        ``kept`` (``routing.Stretch``). Static (numpy) values stay static: they are closed over,
+        never traced."""
         raise NotImplementedError
 
     def run_blocks(
@@ -104,21 +109,24 @@ class Backbone(nnx.Module):
             return h
 
         # Functional form of a block (its state as an argument), for jax.checkpoint and lax.scan.
+        # Its other arguments are closed over: passed through jax.checkpoint they would become
+        # tracers, and a static scan order would lose its static path.
         graphdef, _ = nnx.split(self.blocks[blocks[0]])
 
-        def call(state: nnx.State, h: jax.Array, *args) -> jax.Array:
-            return nnx.merge(graphdef, state)(h, c, *args)
+        def functional(args: tuple) -> Callable[[nnx.State, jax.Array], jax.Array]:
+            def call(state: nnx.State, h: jax.Array) -> jax.Array:
+                return nnx.merge(graphdef, state)(h, c, *args)
 
-        if policy is not None:
-            call = jax.checkpoint(call, policy=policy)
+            return call if policy is None else jax.checkpoint(call, policy=policy)
+
         if not scan:
             for i in blocks:
-                h = call(nnx.state(self.blocks[i]), h, *self.block_args(i, positions, grid))
+                h = functional(self.block_args(i, positions, grid))(nnx.state(self.blocks[i]), h)
             return h
         # Blocks of one stretch share their arguments (``scannable``), so they stack.
-        args = self.block_args(blocks[0], positions, grid)
+        call = functional(self.block_args(blocks[0], positions, grid))
         stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.state(self.blocks[i]) for i in blocks))
-        h, _ = jax.lax.scan(lambda h, state: (call(state, h, *args), None), h, stacked)
+        h, _ = jax.lax.scan(lambda h, state: (call(state, h), None), h, stacked)
         return h
 
     def __call__(
@@ -127,28 +135,23 @@ class Backbone(nnx.Module):
         noise_labels: jax.Array,
         class_labels: jax.Array,
         *,
-        routes: Sequence[routing.Route] = (),
-        route_key: jax.Array | None = None,
+        route_plan: routing.RoutePlan | None = None,
     ) -> jax.Array:
+        """``[B, H, W, C]`` inputs to float32 outputs; ``route_plan`` (``routing.draw_plan``, with
+        ``keep_order=self.keep_order``) routes the tokens, ``None`` runs densely."""
         _, height, width, _ = x.shape
         grid = (height // self.patch_size, width // self.patch_size)
+        if route_plan is not None:
+            num_tokens = self.num_tokens(height, width)
+            routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order)
         pos = sincos_pos_embed_2d(self.hidden_size, *grid)
         tokens = self.patch_embed(x.astype(self.compute_dtype)) + pos.astype(self.compute_dtype)
         c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
-
-        after_route = frozenset()
-        if self.float32_after_route and self.compute_dtype != jnp.float32:
-            after_route = routing.blocks_after_routes(routes, tokens.shape[1])
-
-        def run_blocks(blocks: range, h: jax.Array, positions: jax.Array | None) -> jax.Array:
-            if blocks[0] in after_route:  # as the published code: the block that re-merges runs in float32
-                first = blocks[:1]
-                h = self.run_blocks(first, h.astype(jnp.float32), c.astype(jnp.float32), positions, grid)
-                h, blocks = h.astype(c.dtype), blocks[1:]
-            return self.run_blocks(blocks, h, c, positions, grid) if blocks else h
-
-        tokens = routing.apply_blocks(
-            run_blocks, tokens, self.depth, routes, route_key, keep_order=self.keep_order
-        )
+        for stretch in routing.stretches(
+            route_plan, self.depth, self.compute_dtype, float32_rejoin=self.float32_after_route
+        ):
+            h = stretch.gather(tokens)
+            h = self.run_blocks(stretch.blocks, h, c.astype(stretch.dtype), stretch.kept, grid)
+            tokens = stretch.scatter(tokens, h)
         out = self.final_layer(tokens, c)
         return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)

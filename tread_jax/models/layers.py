@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,19 +104,14 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     """``[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]``, tokens row-major, patch pixels (p, p, C)."""
-    b, h, w, c = x.shape
-    p = patch_size
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
+    return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=patch_size, q=patch_size)
 
 
 def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int) -> jax.Array:
     """Inverse of :func:`patchify`: ``[B, N, p*p*C] -> [B, H, W, C]``."""
-    b, _, d = tokens.shape
-    p = patch_size
-    c = d // (p * p)
-    x = tokens.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, height, width, c)
+    return einops.rearrange(
+        tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=height // patch_size, p=patch_size, q=patch_size
+    )
 
 
 class PatchEmbed(nnx.Module):

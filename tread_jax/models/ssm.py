@@ -11,12 +11,13 @@ in the spirit of DiM and ZigMa), and every mixer is bidirectional, so after two 
 token has seen every other. Tokens stay in row-major order between blocks; a block permutes
 its mixer input into its path order and permutes the output back.
 
-Routing. ``routing.apply_blocks(..., keep_order=True)`` hands the blocks of a route the kept
-tokens in ascending row-major position. For a block whose path is not row-major that order is
-wrong, so the block re-sorts the kept tokens by their rank along its own path: the scan sees
-the kept subset exactly in the order in which the path visits them, as if the routed tokens
-had been deleted from the path; ``apply_blocks`` tells each block those positions. Permuting the full sequence into path order before the gather would not work: the blocks of
-one route have different paths, but share one gather.
+Routing. The SSM draws its route plans with ``keep_order=True``, so the blocks of a route get
+the kept tokens in ascending row-major position. For a block whose path is not row-major that
+order is wrong, so the block re-sorts the kept tokens by their rank along its own path: the scan
+sees the kept subset exactly in the order in which the path visits them, as if the routed tokens
+had been deleted from the path (each stretch tells its blocks those positions). Permuting the
+full sequence into path order before the gather would not work: the blocks of one route have
+different paths, but share one gather.
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ class SSMBlock(nnx.Module):
 class SSM(Backbone):
     """Class-conditional SSM diffusion backbone over NHWC inputs; same call as ``DiT``.
 
-    Block ``i`` scans along ``scan_paths[i % len(scan_paths)]``. Routing (when ``routes`` are
-    given) keeps the kept tokens in their original order and each block scans them along its
+    Block ``i`` scans along ``scan_paths[i % len(scan_paths)]``. Routing (when a ``route_plan``
+    is given) keeps the kept tokens in their original order and each block scans them along its
     path (module docstring). Label ``num_classes`` is the null class.
     """
 
