@@ -55,7 +55,7 @@ def define_model_flags(*, model: str = "DiT-S/2", batch: int = 8, route: bool = 
     )
     if route:
         flags.DEFINE_string(
-            "route", "", "start,end,ratio; empty = DESIGN default 2,depth-4,0.5"
+            "route", "", "start,end,ratio; empty = the default route 2,depth-4,0.5 (docs/method.md)"
         )
 
 
@@ -92,7 +92,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def train_config(
     model: str, overrides: dict[str, Any], dtype: str, *, scan_blocks: bool = False, remat: str = "none"
 ) -> ml_collections.ConfigDict:
-    """The training config fields the step reads, at DESIGN.md defaults (AdamW 1e-4, EMA 0.9999)."""
+    """The training config fields the step reads, at the published defaults (docs/method.md: AdamW 1e-4, EMA 0.9999)."""
     return ml_collections.ConfigDict(
         {
             "seed": 0,
@@ -166,16 +166,19 @@ def unscanned_model(setup: ModelSetup) -> ModelBuilder:
 
 
 def route_from_flag(spec: str, depth: int) -> tuple[routing.Route, ...]:
-    """``--route`` ("start,end,ratio") validated for ``depth``; empty = DESIGN default 2->depth-4 at 0.5."""
-    fields = spec.split(",") if spec else (2, depth - 4, 0.5)
-    return routing.validate_routes(routing.parse_routes([fields]), depth)
+    """``--route`` ("start,end,ratio") validated for ``depth``; empty = ``routing.default_route``."""
+    route = routing.parse_routes([spec.split(",")]) if spec else (routing.default_route(depth),)
+    return routing.validate_routes(route, depth)
 
 
 def forward_macs_xla(model: ModelBuilder, batch: int, routes: tuple[routing.Route, ...]) -> float:
     """Forward MACs from XLA's cost analysis of the lowered (uncompiled) forward program."""
 
     def forward(params, x, t, y, key):
-        return model.bind(params)(x, t, y, routes=routes, route_key=key)
+        network = model.bind(params)
+        plan = routing.draw_plan(key, routes, batch_size=batch, num_tokens=network.num_tokens(*x.shape[1:3]),
+                                 keep_order=network.keep_order)
+        return network(x, t, y, route_plan=plan)
 
     lowered = jax.jit(forward).lower(
         model.abstract_params(),

@@ -27,8 +27,9 @@ class TrainState:
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 over ``warmup_steps``, then constant (DESIGN default) or, with
-    ``decay_steps`` > 0, a cosine decay that reaches 0 at step ``decay_steps``."""
+    """Linear warmup from 0 over ``warmup_steps``, then constant (the published default,
+    docs/method.md) or, with ``decay_steps`` > 0, a cosine decay that reaches 0 at step
+    ``decay_steps``."""
     decay_steps = optim.get("decay_steps", 0)
     if decay_steps > 0:
         if decay_steps <= optim.warmup_steps:

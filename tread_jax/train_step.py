@@ -39,19 +39,10 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
-def kept_token_loss(per_element: jax.Array, route_key: jax.Array, routes: tuple[routing.Route, ...],
-                    patch_size: int, mae_coef: float) -> jax.Array:
-    """The version-1 loss (docs/method.md) over the tokens the model kept.
-
-    It must see exactly the model's selection: today it redraws it from the model's key (the
-    model draws from the routes that drop at least one token, in order); once the model takes a
-    route plan, this receives the plan's ``kept`` indices instead of ``route_key``.
-    """
-    per_token = diffusion.token_loss(per_element, patch_size)
-    batch_size, num_tokens = per_token.shape
-    active = routing.active_routes(routes, num_tokens)
-    kept = routing.kept_indices(route_key, active, batch_size, num_tokens)
-    return diffusion.routed_loss(per_token, kept, mae_coef)
+def kept_token_loss(per_element: jax.Array, plan: routing.RoutePlan, patch_size: int, mae_coef: float) -> jax.Array:
+    """The version-1 loss (docs/method.md) over the tokens the model kept: ``plan`` is the route
+    plan the forward pass used."""
+    return diffusion.routed_loss(diffusion.token_loss(per_element, patch_size), plan.kept, mae_coef)
 
 
 def make_train_step(
@@ -77,16 +68,21 @@ def make_train_step(
         # A fourth stream folded in (not split) so the three above draw what they always drew.
         x = model_input(config, batch, jax.random.fold_in(key, 3))
 
+        # One draw of the kept tokens, seen by the forward pass and by the version-1 loss alike.
+        plan = routing.draw_plan(route_key, routes, batch_size=x.shape[0],
+                                 num_tokens=model.abstract_model.num_tokens(*x.shape[1:3]),
+                                 keep_order=model.abstract_model.keep_order)
+
         def loss_fn(params: Any) -> jax.Array:
             network = model.bind(params)
 
             def net(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array) -> jax.Array:
-                return network(x, noise_labels, class_labels, routes=routes, route_key=route_key)
+                return network(x, noise_labels, class_labels, route_plan=plan)
 
             per_element = objective.loss(net, x, labels, loss_key)
             if not route_loss.enabled:
                 return per_element.mean()
-            return kept_token_loss(per_element, route_key, routes, model.patch_size, route_loss.mae_coef)
+            return kept_token_loss(per_element, plan, model.patch_size, route_loss.mae_coef)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
