@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
@@ -91,6 +91,17 @@ def initialize_distributed() -> None:
             )
     elif f.distributed:
         jax.distributed.initialize()
+
+
+def start(argv: list[str]) -> None:
+    """What every binary's ``main`` does first: refuse stray arguments, keep the libraries' INFO
+    logs quiet unless ``--verbosity`` was given (Orbax and jax log every save; progress goes to
+    stdout anyway), and join the multi-process job."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    initialize_distributed()
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import json
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
 from tread_jax import cli, evaluation, workdir as workdir_lib
 from tread_jax.metrics import evaluator
@@ -58,11 +58,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    cli.initialize_distributed()
+    cli.start(argv)
     f = flags.FLAGS
     config, workdir = f.config, f.workdir
     with cli.user_errors():

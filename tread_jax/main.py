@@ -8,7 +8,7 @@ runs those checks and describes the run (mesh, parameters, FLOPs, memory) withou
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 
 from tread_jax import cli, preflight, run_check, runtime, train
 
@@ -23,12 +23,7 @@ _CHECK = flags.DEFINE_bool(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax and jax log every save at INFO; the progress lines go to stdout anyway.
-        logging.set_verbosity(logging.WARNING)
-    cli.initialize_distributed()
+    cli.start(argv)
     config, workdir = _CONFIG.value, _WORKDIR.value
     runtime.StopSignal.install()  # the trainer honours a SIGTERM during preflight's data preparation too
     with cli.user_errors():

@@ -507,7 +507,6 @@ def run(
     padded_labels = np.concatenate([labels, np.zeros(global_batch_size, np.int32)])
 
     def save(next_index: int) -> Accumulators:
-        nonlocal accs
         merged = merge_across_processes(accs, fresh)
         if on_save is not None:
             on_save()
