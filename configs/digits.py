@@ -6,14 +6,14 @@ Command (from the repository root):
 
 Hardware: a 2-core CPU (any CPU, GPU or TPU runs it; the figures below are from the CPU).
 
-Expected result (2-core CPU, nothing else running, 2026-11-23): compile 10.7 s, 2000 steps at a
-median 8.05 steps/s (4.6-8.8 per 100-step window; the slow one holds the step-1000 grid),
-training loop 4m36s including the compile, whole command 6m15s. Quality report (EMA weights;
-three draws of 1501 samples, one per training digit with its label; Heun 18 steps, guidance 1;
-samples clipped to [-1, 1] as saved images are): accuracy 0.975 (bar >= 0.95: met), Frechet
-distance 1.453 against the real train-vs-test floor of 1.000, ratio 1.454 (bar <= 1.5: met;
-the three draws: 1.494 / 1.386 / 1.482). A rerun reproduces these figures exactly: the
-training budget is a step count, not wall time.
+Expected result (2-core CPU shared with other jobs, 2026-11-30): 2000 steps at 7.4-10.3
+steps/s per 100-step window, training loop 4m21s, whole command 6m20s (the report 84 s, with a
+progress bar and ETA). Quality report (EMA weights; three draws of 1501 samples, one per
+training digit with its label, the noise of sample i keyed by (seed + 1 + draw, i); Heun 18
+steps, guidance 1; samples clipped to [-1, 1] as saved images are): accuracy 0.970 (bar >=
+0.95: met), Frechet distance 1.442 against the real train-vs-test floor of 1.000, ratio 1.442
+(bar <= 1.5: met; the three draws: 1.573 / 1.364 / 1.389). A rerun reproduces these figures
+exactly: the training budget is a step count, not wall time.
 
 Why three draws of 1501: a Frechet distance estimated from N samples is biased upwards as N
 shrinks (two random halves of the real training digits are 1.58x the floor apart), so each
@@ -33,8 +33,9 @@ changed with it (preflight says so).
 
 Variant ``configs/digits.py:ssm``: the same run with the Mamba-style SSM backbone (6 blocks of
 width 128, state 16, sequential scan, the faster one on CPU) routed over blocks 1..3 with the
-kept tokens in scan order. Measured only briefly (0.4-0.75 steps/s on the shared 2-core CPU,
-loss 1.56 -> 0.60 over 400 steps); its quality report is not measured yet.
+kept tokens in scan order. Its train step takes about 4x the DiT's on this CPU
+(``python benchmarks/backbone_step.py``: SSM/DiT steps per second 0.23-0.28, measured
+alternating in one run); its quality report is not measured yet.
 """
 
 import os
