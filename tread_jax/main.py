@@ -8,7 +8,7 @@ runs those checks and describes the run (mesh, parameters, FLOPs, memory) withou
 
 from __future__ import annotations
 
-from absl import flags
+from absl import app, flags
 
 from tread_jax import cli, preflight, run_check, runtime, train
 
@@ -31,7 +31,10 @@ def main(argv: list[str]) -> None:
             print(run_check.describe_run(config, workdir), flush=True)
             return
         preflight.check(config, workdir)
-    train.train_and_evaluate(config, workdir)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except FloatingPointError as error:  # the run diverged; the message names the step and what was kept
+        raise app.UsageError(str(error)) from error
 
 
 if __name__ == "__main__":
