@@ -30,10 +30,10 @@ class InputPosition:
     (``get_state()`` returning bytes, as for its non-dataset iterators)."""
 
     def __init__(self, state: Any):
-        self._state = json.dumps(state, indent=4).encode()
+        self._state = state  # serialized only when saved: most positions never are
 
     def get_state(self) -> bytes:
-        return self._state
+        return json.dumps(self._state, indent=4).encode()
 
 
 def stack(batches: list[HostBatch]) -> dict[str, np.ndarray]:
