@@ -84,3 +84,13 @@ def test_compilation_cache_in_the_workdir_serves_the_restarted_run(data_dir, tmp
         if steps == 4:
             assert any(p.is_file() for p in Path(workdir, "compilation_cache").iterdir())
     assert "Persistent compilation cache hit for 'jit_call'" in done.stderr, done.stderr[-3000:]
+
+
+def test_non_finite_step_inside_a_call_is_named_and_never_saved(data_dir, tmp_path):
+    # As in test_checkpoint: step 1's update overflows the parameters, step 2's loss is not
+    # finite; both run in the first call of two steps, whose state must not be saved.
+    config = tl.tiny_config(data_dir, steps_per_call=2, checkpoint_every=2, log_every=2,
+                            **{"optim.learning_rate": 1e38, "optim.warmup_steps": 0})
+    with pytest.raises(FloatingPointError, match=r"at step 2; stopping \(no checkpoint was written\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert tl.saved_steps(str(tmp_path)) == []
