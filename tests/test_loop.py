@@ -49,12 +49,11 @@ def test_prefetched_position_resumes_after_the_consumed_item(data_dir, batches_p
 
 
 def test_four_steps_per_call_equal_four_calls(data_dir, tmp_path):
-    runs = {}
-    for per_call in (1, 4):
-        config = tl.tiny_config(data_dir, steps_per_call=per_call, log_every=4, checkpoint_every=4)
-        workdir = str(tmp_path / f"k{per_call}")
-        train.train_and_evaluate(config, workdir)
-        runs[per_call] = workdir
+    runs = {per_call: str(tmp_path / f"k{per_call}") for per_call in (1, 4)}
+    train.train_and_evaluate(tl.tiny_config(data_dir, log_every=4, checkpoint_every=4), runs[1])
+    for steps in (4, 8):  # four steps per call, stopped after the first call and resumed
+        config = tl.tiny_config(data_dir, steps_per_call=4, log_every=4, checkpoint_every=4, num_train_steps=steps)
+        train.train_and_evaluate(config, runs[4])
     assert tl.saved_steps(runs[4]) == [4, 8]
     jax.tree.map(np.testing.assert_array_equal, tl.load_state(runs[4], 8), tl.load_state(runs[1], 8))
     assert tl.logged(runs[4]) == tl.logged(runs[1])
