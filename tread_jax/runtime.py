@@ -1,7 +1,7 @@
 """Helpers for programs that run as one process or as many (multi-host pods, multi-process CPU).
 
-The persistent compilation cache, compiling with a barrier, copying replicated arrays to the host, console output on process 0,
-and turning SIGTERM into a flag that a loop polls.
+The persistent compilation cache, compiling with a barrier, copying replicated arrays to the
+host, console output on process 0, and turning SIGTERM into a flag that a loop polls.
 """
 
 from __future__ import annotations
