@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.label_dropout = 0.1  # classifier-free guidance training (null class = num_classes)
 
     config.data = data.default_config()
+    # Global batches placed on the devices ahead of the step that uses them (the loop then
+    # never waits for the input pipeline while the pipeline keeps up).
+    config.data.device_prefetch = 2
     config.global_batch_size = 256
     config.num_train_steps = 400_000
     # decay_steps > 0: cosine decay reaching 0 at that step (preflight wants it >= num_train_steps).
@@ -49,6 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Device mesh: sizes of the (data, fsdp) axes, -1 = all remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.fsdp_min_size = 2**16  # parameters with fewer elements stay replicated
+
+    # Train steps per jitted call (lax.scan over that many batches): fewer dispatches for small,
+    # fast steps; same results as 1. Every interval and num_train_steps must be a multiple of it.
+    config.steps_per_call = 1
+    # Persistent compilation cache, relative to the workdir (absolute paths as given; "" = off).
+    # In the workdir by default, so that a job restarted after a preemption finds it there.
+    config.compilation_cache_dir = "compilation_cache"
+    # Steps to trace with jax.profiler after the warm-up, into <workdir>/profile (0 = none).
+    config.profile_steps = 0
 
     config.log_every = 100
     config.checkpoint_every = 10_000

@@ -261,3 +261,11 @@ def test_accelerator_only_and_out_of_budget(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--only=nope",
                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown sections ['nope']" in bad.stderr
+
+
+def test_host_overhead(tmp_path):
+    result = _run_json(tmp_path, "host_overhead.py", "--steps=8", "--repeats=1", "--steps_per_call=2",
+                       f"--data_dir={tmp_path / 'tfds'}")
+    assert result["steps_per_call"] == 2 and len(result["loop_ms_all"]) == len(result["bare_ms_all"]) == 1
+    assert _positive(result["loop_ms_per_step_median"], result["bare_step_ms_median"])
+    assert math.isfinite(result["overhead_ms_per_step_median"])

@@ -61,12 +61,14 @@ _SHARDED_SCRIPT = textwrap.dedent(
     shapes = lambda tree: [list(x.shape) for x in jax.tree.leaves(tree)]
     local = {{"image": np.arange(16 * 2, dtype=np.float32).reshape(16, 2), "label": np.arange(16, dtype=np.int32)}}
     batch = sharding.global_batch(local, mesh)
+    stacked = sharding.global_batch({{"label": np.arange(3 * 16, dtype=np.int32).reshape(3, 16)}}, mesh, stacked=True)
     print(json.dumps({{
         "mesh": dict(mesh.shape),
         "param_specs": specs(shardings.params), "param_shapes": shapes(abstract.params),
         "mu_specs": specs(shardings.opt_state[0].mu), "ema_specs": specs(shardings.ema_params),
         "batch_shards": sorted(len(s.data) for s in batch["label"].addressable_shards),
         "batch_ok": bool(np.array_equal(np.asarray(batch["image"]), local["image"])),
+        "stacked_shards": sorted(list(s.data.shape) for s in stacked["label"].addressable_shards),
     }}))
     """
 )
@@ -85,6 +87,8 @@ def test_state_and_batch_shardings_on_eight_devices(tmp_path):
     # Optimizer moments and the EMA copy sit exactly where their parameters sit.
     assert out["mu_specs"] == out["param_specs"] == out["ema_specs"]
     assert out["batch_shards"] == [2] * 8 and out["batch_ok"]
+    # Several steps' batches: every device holds its slice of each step's batch.
+    assert out["stacked_shards"] == [[3, 2]] * 8
 
 
 def test_eight_devices_match_one_device(tmp_path):

@@ -39,6 +39,9 @@ def data_dir(tmp_path_factory) -> str:
         ({"optim.decay_steps": 2}, ValueError, r"decay_steps \(2\) must exceed optim.warmup_steps \(2\)"),
         ({"optim.decay_steps": 6}, ValueError, r"decay_steps \(6\) is below num_train_steps \(8\)"),
         ({"init_from": "gs://bucket/routed"}, ValueError, r"init_from 'gs://bucket/routed' is a URL; .* mount"),
+        ({"steps_per_call": 2, "log_every": 3}, ValueError,
+         r"log_every \(3\) must be a multiple of steps_per_call \(2\)"),
+        ({"data.device_prefetch": 0}, ValueError, r"data.device_prefetch must be positive, got 0"),
     ],
 )
 def test_bad_config_fails_before_any_work(data_dir, tmp_path, changes, error, message):

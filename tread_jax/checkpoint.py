@@ -99,6 +99,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         """Starts an asynchronous save of ``state`` and the iterator position at ``step``.
 
+        ``data_iterator``: anything with grain's ``get_state()``, e.g. the position the loop
+        recorded for ``step`` (``prefetch.InputPosition``) when it reads ahead.
+
         The caller must have checked that ``state`` is finite: a saved step is trusted on resume.
         """
         args = ocp.args.Composite(

@@ -38,6 +38,10 @@ class FirstNonFinite(metrics.Metric):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         return cls(step=jnp.where(finite, NO_BAD_STEP, step).astype(jnp.int32))
 
+    @classmethod
+    def empty(cls) -> "FirstNonFinite":
+        return cls(step=jnp.array(NO_BAD_STEP, jnp.int32))
+
     def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
         return type(self)(step=jnp.minimum(self.step, other.step))
 

@@ -60,6 +60,8 @@ POSITIVE = {
     "eval.per_device_batch": "evaluation samples per device per batch",
     "data.num_threads": "reader threads per process",
     "data.prefetch_buffer_size": "batches read ahead",
+    "data.device_prefetch": "global batches placed on the devices ahead",
+    "steps_per_call": "train steps per jitted call",
 }
 NON_NEGATIVE = {
     "sample.every": "steps between sample grids, 0 = none",
@@ -69,7 +71,10 @@ NON_NEGATIVE = {
     "optim.decay_steps": "step where the cosine decay reaches 0, 0 = constant",
     "data.worker_count": "grain worker processes, 0 = none",
     "fsdp_min_size": "elements below which a parameter stays replicated",
+    "profile_steps": "steps traced by the profiler, 0 = none",
 }
+# Counted in steps but acted on between jitted calls: each must be a multiple of steps_per_call.
+PER_CALL = ("num_train_steps", "log_every", "checkpoint_every", "sample.every", "eval.every", "profile_steps")
 # Sampler step counts, checked by the objective itself (EDM's Heun needs at least 2).
 SAMPLER_STEPS = ("sample.num_steps", "eval.num_steps")
 
@@ -95,6 +100,15 @@ def check_counts(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"{path} must be an integer, got {value!r} ({meaning})")
             if value < lowest:
                 raise ValueError(f"{path} must be {kind}, got {value} ({meaning})")
+
+
+def check_steps_per_call(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first step count that a call of ``steps_per_call`` steps would skip."""
+    steps_per_call = config.get("steps_per_call", 1)
+    for path in PER_CALL:
+        present, value = get_field(config, path)
+        if present and value % steps_per_call:
+            raise ValueError(f"{path} ({value}) must be a multiple of steps_per_call ({steps_per_call})")
 
 
 def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...]:
@@ -127,6 +141,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     The workdir comes last, so that a run refused for any other reason leaves no trace there.
     """
     check_counts(config)
+    check_steps_per_call(config)
     settings = model_settings(config.model)
     config_routes(config)
     check_sampler_steps(config)

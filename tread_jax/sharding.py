@@ -85,9 +85,10 @@ def state_shardings(abstract_state, mesh: Mesh, min_size: int):
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over all devices, the rest whole."""
-    return NamedSharding(mesh, BATCH_SPEC)
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """Leading (batch) dimension split over all devices, the rest whole. ``stacked``: batches
+    stacked on a leading steps axis (several steps per call), split along the second."""
+    return NamedSharding(mesh, PartitionSpec(None, MESH_AXES) if stacked else BATCH_SPEC)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -95,16 +96,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    local_batch: Mapping[str, np.ndarray], mesh: Mesh, *, stacked: bool = False
+) -> dict[str, jax.Array]:
     """This process's share of the batch -> global arrays split over the mesh.
 
     Each process holds ``global_batch / process_count`` consecutive examples; jax stitches
-    the shares together in process order without any cross-host copy.
+    the shares together in process order without any cross-host copy. ``stacked``: the arrays
+    have a leading steps axis before the batch axis (``batch_sharding``).
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, stacked=stacked)
+    batch_axis = 1 if stacked else 0
     out = {}
     for name, local in local_batch.items():
         local = np.asarray(local)
-        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        global_shape = list(local.shape)
+        global_shape[batch_axis] *= jax.process_count()
+        out[name] = jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
     return out

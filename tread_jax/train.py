@@ -3,7 +3,9 @@
 One code path for one CPU, one GPU, fake CPU devices and multi-host pods: the state lives on
 a ``(data, fsdp)`` mesh, the step (``train_step``) is a single ``jax.jit`` with explicit
 shardings and the state's buffers donated, and every process feeds only its share of each
-global batch. The loop syncs with the devices only at log, checkpoint and sample steps.
+global batch. The loop syncs with the devices only at log, checkpoint and sample steps: the
+next batches are already on the devices (``prefetch``), and the metrics are merged inside the
+jitted call, which may run several steps (``config.steps_per_call``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from tread_jax import data, diffusion, preflight, runtime, sharding, train_state
 from tread_jax.checkpoint import Checkpointer
 from tread_jax.evaluation import TrainingEvaluator
 from tread_jax.logging_utils import (
-    NO_BAD_STEP, MetricWriter, Throughput, class_grid, format_duration, progress_line, save_class_grids)
+    NO_BAD_STEP, MetricWriter, Throughput, TrainMetrics, class_grid, format_duration, progress_line,
+    save_class_grids)
 from tread_jax.model_builder import ModelBuilder, with_shardings
+from tread_jax.prefetch import DevicePrefetcher
+from tread_jax.profiling import StepProfiler
 from tread_jax.sampler import Sampler
-from tread_jax.train_step import make_train_step
+from tread_jax.train_step import make_train_call, make_train_step
 
 
 def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -> None:
@@ -75,6 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = runtime.StopSignal.install()
     try:
         info = preflight.check(config, workdir)
+        runtime.enable_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
         workdir_lib.record_dataset(workdir, info, config.data)
         routes = preflight.config_routes(config)
         mesh = sharding.create_mesh(config.mesh)
@@ -109,14 +115,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         else:
             state, _ = restored
         start_step = int(runtime.to_host(state.step))
+        per_call = config.get("steps_per_call", 1)
+        if start_step % per_call:  # the loop acts between calls: at multiples of steps_per_call
+            raise ValueError(f"the run starts at step {start_step}, not a multiple of steps_per_call ({per_call})")
         _write_parameter_overview(workdir, state.params)
 
-        train_step = jax.jit(
-            make_train_step(config, model, objective, tx, routes),
-            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        train_call = jax.jit(
+            make_train_call(make_train_step(config, model, objective, tx, routes), per_call),
+            in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked=per_call > 1),
+                          sharding.replicated(mesh)),
             out_shardings=(state_sharding, sharding.replicated(mesh)),
-            donate_argnums=(0,),
+            donate_argnums=(0, 2),
         )
+        empty_metrics = jax.jit(TrainMetrics.empty, out_shardings=sharding.replicated(mesh))
         sample_cfg = config.sample
         grid_labels = np.repeat(sample_cfg.get("classes", None) or np.arange(info.num_classes), sample_cfg.per_class)
         grid_sampler = None
@@ -127,9 +138,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         param_shardings=state_sharding.ema_params)
         total = config.num_train_steps
         compile_start = time.perf_counter()
-        batch = sharding.global_batch(next(data_iterator), mesh) if start_step < total else None
-        if batch is not None:
-            train_step = runtime.compile_everywhere(train_step, state, batch, name="train_step")
+        batches = DevicePrefetcher(
+            data_iterator, lambda batch: sharding.global_batch(batch, mesh, stacked=per_call > 1),
+            depth=config.data.get("device_prefetch", 2), batches_per_item=per_call,
+            num_items=(total - start_step) // per_call)
+        metrics = empty_metrics()
+        if start_step < total:
+            train_call = runtime.compile_everywhere(train_call, state, batches.peek(), metrics, name="train_step")
             runtime.say(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
         if stop.requested:  # nothing new since the last checkpoint: nothing to save
             checkpointer.close()
@@ -142,18 +157,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------------------------- Loop
     # Records the interrupted run wrote after its last checkpoint are dropped: they are redone.
     writer = MetricWriter(workdir, start_step=start_step)
-    metrics = None
+    profiler = StepProfiler(workdir, num_steps=config.get("profile_steps", 0), start_step=start_step,
+                            steps_per_call=per_call)
     last_scalars: dict[str, float] = {}
     throughput = Throughput(start_step)
     loop_start = time.perf_counter()
     try:
-        for step in range(start_step, total):
-            if step > start_step:
-                batch = sharding.global_batch(next(data_iterator), mesh)
-            state, step_metrics = train_step(state, batch)
-            metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-            done = step + 1
-            preempted = checkpointer.reached_preemption(done)
+        for done in range(start_step + per_call, total + 1, per_call):
+            # ``position``: the input stream right after this call's batches, which a checkpoint
+            # of ``done`` must record (the prefetcher has read further).
+            batch, position = next(batches)
+            profiler.before(done - per_call)
+            state, metrics = train_call(state, batch, metrics)
+            batches.refill()  # reads while the call computes
+            profiler.after(done, state)
+            # Every process asks about every step, so they agree on the preemption step at any K.
+            preempted = any(checkpointer.reached_preemption(s) for s in range(done - per_call + 1, done + 1))
             stopping = stop.requested or preempted
             log_now = done % config.log_every == 0 or done == total or stopping
             save_now = done % config.checkpoint_every == 0 or done == total or stopping
@@ -171,9 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 writer.write_scalars(done, last_scalars)
                 runtime.say(progress_line(done, total, last_scalars, steps_per_s))
-                metrics = None
+                metrics = empty_metrics()
             if save_now:
-                checkpointer.save(done, state, data_iterator)
+                checkpointer.save(done, state, position)
             if grid_sampler is not None and (done % sample_cfg.every == 0 or done == total):
                 images = grid_sampler.sample(state.ema_params, grid_labels, seed=config.seed)
                 save_class_grids(images, grid_labels, os.path.join(workdir, "samples"), f"step_{done:07d}",
@@ -188,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()
         runtime.say(f"trained steps {start_step}..{total} in {format_duration(time.perf_counter() - loop_start)}")
     finally:
+        profiler.stop()
         stop.restore()
         checkpointer.close()
         writer.close()

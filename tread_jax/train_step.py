@@ -20,6 +20,8 @@ from tread_jax.logging_utils import TrainMetrics
 from tread_jax.model_builder import ModelBuilder
 
 TrainStep = Callable[[train_state.TrainState, dict[str, jax.Array]], tuple[train_state.TrainState, TrainMetrics]]
+TrainCall = Callable[[train_state.TrainState, dict[str, jax.Array], TrainMetrics],
+                     tuple[train_state.TrainState, TrainMetrics]]
 
 
 def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
@@ -104,3 +106,27 @@ def make_train_step(
         return new_state, step_metrics
 
     return step_fn
+
+
+def make_train_call(step_fn: TrainStep, steps_per_call: int) -> TrainCall:
+    """``call(state, batches, metrics) -> (state, metrics)``: ``steps_per_call`` steps per call,
+    their metrics merged into ``metrics`` on the devices (the loop fetches them only to log).
+
+    With one step per call ``batches`` is one batch; with K it is K batches stacked on a leading
+    axis, run by ``lax.scan``. Each step draws its randomness from its own step number, so K
+    steps in one call compute what K calls of one step compute.
+    """
+
+    def accumulate(carry: tuple[train_state.TrainState, TrainMetrics], batch: dict[str, jax.Array]):
+        state, metrics = carry
+        state, step_metrics = step_fn(state, batch)
+        merged = metrics.merge(step_metrics)
+        # The carry keeps its dtypes (a weakly typed learning rate would change the scan's carry).
+        return (state, jax.tree.map(lambda new, old: new.astype(old.dtype), merged, metrics)), None
+
+    def call(state: train_state.TrainState, batches: dict[str, jax.Array], metrics: TrainMetrics):
+        if steps_per_call == 1:
+            return accumulate((state, metrics), batches)[0]
+        return jax.lax.scan(accumulate, (state, metrics), batches, length=steps_per_call)[0]
+
+    return call
