@@ -149,8 +149,8 @@ def loss(spec: Spec, params: Params, images: jax.Array, labels: jax.Array, step:
 
 def init_state(params: Params) -> dict[str, Any]:
     """Step 0: the parameters, zero Adam moments and an EMA copy."""
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "mu": zeros, "nu": zeros,
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # separate buffers: the step donates them
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "mu": zeros(), "nu": zeros(),
             "ema": jax.tree.map(jnp.copy, params)}
 
 

@@ -100,11 +100,6 @@ def scatter_tokens(full: jax.Array, kept: jax.Array, idx: jax.Array) -> jax.Arra
     return full.at[batch, idx].set(kept.astype(full.dtype), unique_indices=True)
 
 
-def default_route(depth: int, ratio: float = 0.5) -> Route:
-    """The published placement: blocks ``2 .. depth - 4`` (DiT-S/B 2->8, L 2->20, XL 2->24)."""
-    return Route(2, depth - 4, ratio)
-
-
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=["kept"], meta_fields=["routes", "num_tokens", "keep_order"]
 )
