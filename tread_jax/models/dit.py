@@ -18,7 +18,11 @@ def head_batched_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     """
     b, n, h, d = q.shape
     q, k, v = (t.transpose(0, 2, 1, 3).reshape(b * h, n, d) for t in (q, k, v))
-    weights = jax.nn.softmax(jnp.matmul(q, k.transpose(0, 2, 1)) * d**-0.5, axis=-1)
+    # Logits and softmax in float32 whatever the compute dtype, as dot_product_attention does
+    # (with its explicit bfloat16 algorithm, so that the backward pass sees consistent types).
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    logits = jnp.matmul(q, k.transpose(0, 2, 1), precision=precision, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * d**-0.5, axis=-1).astype(v.dtype)
     return jnp.matmul(weights, v).reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
@@ -78,7 +82,11 @@ class DiT(Backbone):
         rngs: nnx.Rngs,
         **trunk,
     ):
-        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...)."""
+        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...).
+
+        ``attention_impl``: None for :func:`head_batched_attention`, or the ``implementation``
+        of ``jax.nn.dot_product_attention`` to call instead ("xla", "cudnn").
+        """
         super().__init__(hidden_size=hidden_size, rngs=rngs, **trunk)
         self.blocks = nnx.List(
             [
