@@ -11,8 +11,9 @@ order) so that load from other processes hits all alike. Prints the steps/s medi
 trainer/reference time ratios, each program's routed/dense time ratio and the analytic FLOP
 ratio (``tread_jax.models.flops``), the issue's targets.
 
-``--malloc_rounds N`` instead runs this benchmark 2N times as subprocesses, alternating without
-and with glibc's mmap and trim thresholds raised (``MALLOC_ENV``), and prints the speed ratios.
+``--malloc_rounds N`` instead runs this benchmark 3N times as subprocesses, rotating: glibc's
+defaults, its mmap and trim thresholds raised by environment (``MALLOC_ENV``), and the same set
+by ``mallopt`` inside the process; prints each one's steps/s over the defaults'.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ from tread_jax.model_builder import ModelBuilder
 from tread_jax.models import flops
 from tread_jax.train_step import make_train_step
 
-# Large temporaries stay in the heap instead of being mmapped and page-faulted on every step.
+# Large temporaries stay in the heap instead of being mmapped (and page-faulted) on every step.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# The same thresholds set from inside the process (glibc's mallopt: M_TRIM_THRESHOLD = -1,
+# M_MMAP_THRESHOLD = -3), before the script runs: what a trainer could do at start-up.
+MALLOPT_THEN_RUN = (
+    "import ctypes, runpy, sys; libc = ctypes.CDLL('libc.so.6'); "
+    "print('mallopt', libc.mallopt(-1, 2**31 - 1), libc.mallopt(-3, 2**31 - 1), file=sys.stderr); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+MALLOC_MODES = ("default", "environment", "mallopt")
 
 
 def digits_setup(depth: int | None, width: int | None, heads: int | None) -> tuple[Any, ModelBuilder]:
@@ -116,20 +125,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """This benchmark in subprocesses, alternating default and ``MALLOC_ENV`` rounds."""
-    speed: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
+    """This benchmark in subprocesses, rotating the ways of setting glibc's thresholds:
+    steps/s of each way over the default's (medians over rounds)."""
+    speed: dict[str, list[dict[str, float]]] = {mode: [] for mode in MALLOC_MODES}
+    modes = list(MALLOC_MODES)
     for rnd in range(args.malloc_rounds):
-        for tuned in (False, True) if rnd % 2 == 0 else (True, False):
-            env = dict(os.environ, **(MALLOC_ENV if tuned else {}))
-            if not tuned:
-                for name in MALLOC_ENV:
-                    env.pop(name, None)
-            out = subprocess.run([sys.executable, __file__, *argv, "--malloc_rounds=0", "--json"], env=env,
+        for mode in modes[rnd % len(modes):] + modes[: rnd % len(modes)]:
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+            env.update(MALLOC_ENV if mode == "environment" else {})
+            prefix = ["-c", MALLOPT_THEN_RUN] if mode == "mallopt" else []
+            out = subprocess.run([sys.executable, *prefix, __file__, *argv, "--malloc_rounds=0", "--json"], env=env,
                                  check=True, capture_output=True, text=True).stdout
-            speed[tuned].append(json.loads(out.splitlines()[-1])["steps_per_s"])
-    return {name: statistics.median(s[name] for s in speed[True]) / statistics.median(s[name] for s in speed[False])
-            for name in speed[False][0]}
+            speed[mode].append(json.loads(out.splitlines()[-1])["steps_per_s"])
+    base = {name: statistics.median(s[name] for s in speed["default"]) for name in speed["default"][0]}
+    return {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
+                                           for name in base} for mode in modes[1:]}
 
 
 def main() -> None:
@@ -141,12 +152,12 @@ def main() -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--heads", type=int)
     parser.add_argument("--malloc_rounds", type=int, default=0,
-                        help="compare MALLOC_ENV on/off over this many pairs of subprocess runs")
+                        help="compare glibc malloc settings over this many rounds of subprocess runs")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     if args.malloc_rounds:
-        result = {"steps/s with MALLOC_ENV / without": malloc_comparison(args, argv)}
+        result = malloc_comparison(args, argv)
     else:
         result = measure(args)
     if args.json:
