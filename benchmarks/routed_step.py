@@ -45,7 +45,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 MALLOPT_THEN_RUN = (
     "import ctypes, runpy, sys; libc = ctypes.CDLL('libc.so.6'); "
     "print('mallopt', libc.mallopt(-1, 2**31 - 1), libc.mallopt(-3, 2**31 - 1), file=sys.stderr); "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rpartition('/')[0]); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 MALLOC_MODES = ("default", "environment", "mallopt")
 
