@@ -140,8 +140,11 @@ def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, di
                                  check=True, capture_output=True, text=True).stdout
             speed[mode].append(json.loads(out.splitlines()[-1])["steps_per_s"])
     base = {name: statistics.median(s[name] for s in speed["default"]) for name in speed["default"][0]}
-    return {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
-                                           for name in base} for mode in modes[1:]}
+    ratios = {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
+                                             for name in base} for mode in modes[1:]}
+    # Each run's figure too: one process's speed can differ from the next one's for other reasons.
+    return {**ratios, **{f"trainer routed steps/s, {mode} runs": {str(i): s["trainer routed"] for i, s in enumerate(runs)}
+                         for mode, runs in speed.items()}}
 
 
 def main() -> None:
