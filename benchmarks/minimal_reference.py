@@ -154,7 +154,9 @@ def init_state(params: Params) -> dict[str, Any]:
             "ema": jax.tree.map(jnp.copy, params)}
 
 
-def train_step(spec: Spec, state: dict[str, Any], images: jax.Array, labels: jax.Array) -> tuple[dict[str, Any], jax.Array]:
+def train_step(
+    spec: Spec, state: dict[str, Any], images: jax.Array, labels: jax.Array
+) -> tuple[dict[str, Any], jax.Array]:
     """One Adam step (linear warmup) and EMA update; returns the new state and the loss."""
     step = state["step"]
     value, grads = jax.value_and_grad(lambda p: loss(spec, p, images, labels, step))(state["params"])

@@ -143,8 +143,9 @@ def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, di
     ratios = {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
                                              for name in base} for mode in modes[1:]}
     # Each run's figure too: one process's speed can differ from the next one's for other reasons.
-    return {**ratios, **{f"trainer routed steps/s, {mode} runs": {str(i): s["trainer routed"] for i, s in enumerate(runs)}
-                         for mode, runs in speed.items()}}
+    each = {f"trainer routed steps/s, {mode} runs": {str(i): s["trainer routed"] for i, s in enumerate(runs)}
+            for mode, runs in speed.items()}
+    return {**ratios, **each}
 
 
 def main() -> None:

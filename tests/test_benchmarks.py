@@ -132,7 +132,8 @@ TINY_DIGITS = ["--depth=4", "--width=32", "--heads=2", "--batch=8"]
 
 def test_routed_step_times_trainer_and_reference():
     out = json.loads(_run("routed_step.py", *TINY_DIGITS, "--reps=2", "--steps=1", "--json").splitlines()[-1])
-    assert set(out["steps_per_s"]) == {f"{who} {kind}" for who in ("trainer", "reference") for kind in ("dense", "routed")}
+    programs = {f"{who} {kind}" for who in ("trainer", "reference") for kind in ("dense", "routed")}
+    assert set(out["steps_per_s"]) == programs
     assert _positive(*out["steps_per_s"].values(), *(v for k, v in out.items() if k != "steps_per_s"))
     assert out["routed/dense FLOPs"] < 1.0
 
