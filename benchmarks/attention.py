@@ -1,8 +1,8 @@
 """Attention formulations on the current backend: forward + backward time, interleaved.
 
-``dot_product_attention`` is ``jax.nn.dot_product_attention`` (XLA path: 4-D einsums), what DiT
-uses when a kernel is named (``attention_impl``); ``head_batched_attention`` is DiT's default,
-the same math as head-batched ``[B*H, N, d]`` matmuls.
+``dot_product_attention`` is what DiT uses (``jax.nn.dot_product_attention``, XLA path: 4-D
+einsums); ``batched_matmul`` is the same math as head-batched ``[B*H, N, d]`` matmuls, the
+form an earlier prototype found faster in backward on a 2-core CPU.
 
     python benchmarks/attention.py --batch=8 --tokens=256 --heads=4 --head_dim=64 --reps=20
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 import statistics
 import time
 
+import einops
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-
-from tread_jax.models.dit import head_batched_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "batch")
@@ -26,9 +25,17 @@ flags.DEFINE_integer("head_dim", 64, "head dimension")
 flags.DEFINE_integer("reps", 20, "timed repetitions per formulation")
 
 
+def batched_matmul(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over ``[B, N, H, d]`` inputs as ``[B*H, N, d]`` batched matmuls."""
+    b, _, _, d = q.shape
+    q, k, v = (einops.rearrange(t, "b n h d -> (b h) n d") for t in (q, k, v))
+    weights = jax.nn.softmax(jnp.matmul(q, k.transpose(0, 2, 1)) * d**-0.5, axis=-1)
+    return einops.rearrange(jnp.matmul(weights, v), "(b h) n d -> b n h d", b=b)
+
+
 FORMULATIONS = {
     "dot_product_attention": jax.nn.dot_product_attention,
-    "head_batched_attention": head_batched_attention,
+    "batched_matmul": batched_matmul,
 }
 
 

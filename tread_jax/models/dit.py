@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tread_jax.models.backbone import Backbone
 from tread_jax.models.layers import dense, layer_norm, modulate, zeros
-
-
-def head_batched_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention over ``[B, N, H, d]`` inputs as ``[B*H, N, d]`` batched matmuls.
-
-    The same math as ``jax.nn.dot_product_attention``'s XLA path (4-D einsums), whose backward
-    pass XLA:CPU runs markedly slower (benchmarks/README.md, "Attention formulations").
-    """
-    b, n, h, d = q.shape
-    q, k, v = (t.transpose(0, 2, 1, 3).reshape(b * h, n, d) for t in (q, k, v))
-    # Logits and softmax in float32 whatever the compute dtype, as dot_product_attention does
-    # (with its explicit bfloat16 algorithm, so that the backward pass sees consistent types).
-    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
-    logits = jnp.matmul(q, k.transpose(0, 2, 1), precision=precision, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * d**-0.5, axis=-1).astype(v.dtype)
-    return jnp.matmul(weights, v).reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
 class DiTBlock(nnx.Module):
@@ -50,15 +35,12 @@ class DiTBlock(nnx.Module):
         self.fc2 = dense(mlp_hidden, hidden_size, rngs=rngs)
 
     def attention(self, x: jax.Array) -> jax.Array:
-        b, n, d = x.shape
         # Unstacked along its own axis rather than moved to the front: a leading axis costs a
         # transpose of the activations and of their gradient.
-        q, k, v = jnp.unstack(self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads), axis=2)
-        if self.attention_impl is None:
-            out = head_batched_attention(q, k, v)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        return self.attn_out(out.reshape(b, n, d))
+        qkv = einops.rearrange(self.qkv(x), "b n (qkv h d) -> b n qkv h d", qkv=3, h=self.num_heads)
+        q, k, v = jnp.unstack(qkv, axis=2)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        return self.attn_out(einops.rearrange(out, "b n h d -> b n (h d)"))
 
     def mlp(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -82,11 +64,7 @@ class DiT(Backbone):
         rngs: nnx.Rngs,
         **trunk,
     ):
-        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...).
-
-        ``attention_impl``: None for :func:`head_batched_attention`, or the ``implementation``
-        of ``jax.nn.dot_product_attention`` to call instead ("xla", "cudnn").
-        """
+        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...)."""
         super().__init__(hidden_size=hidden_size, rngs=rngs, **trunk)
         self.blocks = nnx.List(
             [
