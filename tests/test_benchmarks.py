@@ -127,6 +127,52 @@ def test_attention():
     assert _positive(*map(float, medians.values()))
 
 
+TINY_DIGITS = ["--depth=4", "--width=32", "--heads=2", "--batch=8"]
+
+
+def test_routed_step_times_trainer_and_reference():
+    out = json.loads(_run("routed_step.py", *TINY_DIGITS, "--reps=2", "--steps=1", "--json").splitlines()[-1])
+    programs = {f"{who} {kind}" for who in ("trainer", "reference") for kind in ("dense", "routed")}
+    assert set(out["steps_per_s"]) == programs
+    assert _positive(*out["steps_per_s"].values(), *(v for k, v in out.items() if k != "steps_per_s"))
+    assert out["routed/dense FLOPs"] < 1.0
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_minimal_reference_computes_the_trainers_loss(routed):
+    """Same weights, batch and step: the reference's loss is the trainer's (same random draws,
+    same model math), so the benchmark compares the same computation."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        minimal_reference = importlib.import_module("minimal_reference")
+        routed_step = importlib.import_module("routed_step")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import jax
+    import jax.numpy as jnp
+
+    from tread_jax import diffusion, routing, train_state
+    from tread_jax.train_step import make_train_step
+
+    config, model = routed_step.digits_setup(4, 32, 2)
+    params = model.init_params()
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    # Random weights everywhere (adaLN-Zero starts at zero, which would hide the blocks).
+    params = jax.tree.unflatten(treedef, [w + 0.1 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    batch = {"image": jax.random.uniform(jax.random.key(1), (8, 8, 8, 1), minval=-1.0, maxval=1.0),
+             "label": jnp.arange(8) % 10}
+    tx = train_state.create_optimizer(config.optim)
+    routes = routing.parse_routes(config.routes) if routed else ()
+    step = make_train_step(config, model, diffusion.create_objective(config.diffusion), tx, routes)
+    state = train_state.init_train_state(params, tx).replace(step=jnp.asarray(7, jnp.int32))
+    _, metrics = jax.jit(step)(state, batch)
+    spec = routed_step.reference_spec(config, model, routed)
+    reference = minimal_reference.loss(spec, minimal_reference.from_tread_params(params), batch["image"],
+                                       batch["label"], jnp.asarray(7))
+    assert abs(float(metrics.compute()["loss"]) - float(reference)) < 1e-5 * abs(float(reference))
+
+
 def test_ssm_scan():
     out = _run("ssm_scan.py", "--lengths=16", "--batch=1", "--channels=4", "--state=2", "--reps=2")
     row = re.search(r"^\| 16 \| (\S+) \| (\S+) \| (\S+) \|$", out, re.MULTILINE)

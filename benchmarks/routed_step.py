@@ -1,0 +1,182 @@
+"""The trainer's digits train step against the minimal plain-JAX reference, dense and routed.
+
+    python benchmarks/routed_step.py [--reps 15] [--steps 5] [--malloc_rounds 0]
+
+Four jitted programs, each one train step per call on the same batch already on the device (the
+loop's host work is not in it): the trainer's step (``tread_jax.train_step.make_train_step``
+over ``ModelBuilder``, as ``tread_jax.train`` jits it, state donated) and the step of
+``minimal_reference.py``, each dense and with ``configs/digits.py``'s route, from the same
+initial weights. After compiling, the timed repetitions alternate the programs (rotating the
+order) so that load from other processes hits all alike. Prints the steps/s medians, the
+trainer/reference time ratios, each program's routed/dense time ratio and the analytic FLOP
+ratio (``tread_jax.models.flops``), the issue's targets.
+
+``--malloc_rounds N`` instead runs this benchmark 3N times as subprocesses, rotating: glibc's
+defaults, its mmap and trim thresholds raised by environment (``MALLOC_ENV``), and the same set
+by ``mallopt`` inside the process; prints each one's steps/s over the defaults'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import minimal_reference
+from backbone_step import digits_config
+from tread_jax import data, diffusion, routing, train_state
+from tread_jax.model_builder import ModelBuilder
+from tread_jax.models import flops
+from tread_jax.train_step import make_train_step
+
+# Large temporaries stay in the heap instead of being mmapped (and page-faulted) on every step.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# The same thresholds set from inside the process (glibc's mallopt: M_TRIM_THRESHOLD = -1,
+# M_MMAP_THRESHOLD = -3), before the script runs: what a trainer could do at start-up.
+MALLOPT_THEN_RUN = (
+    "import ctypes, runpy, sys; libc = ctypes.CDLL('libc.so.6'); "
+    "print('mallopt', libc.mallopt(-1, 2**31 - 1), libc.mallopt(-3, 2**31 - 1), file=sys.stderr); "
+    "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rpartition('/')[0]); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+MALLOC_MODES = ("default", "environment", "mallopt")
+
+
+def digits_setup(depth: int | None, width: int | None, heads: int | None) -> tuple[Any, ModelBuilder]:
+    """The digits config (optionally resized) and its model, as the trainer builds them."""
+    config = digits_config(None)
+    sizes = dict(depth=depth, hidden_size=width, num_heads=heads)
+    config.model.overrides = dict(config.model.overrides, **{k: v for k, v in sizes.items() if v})
+    info = data.DatasetInfo(name="digits", image_shape=(8, 8, 1), num_classes=10, num_train=0, num_test=0)
+    return config, ModelBuilder(config, info)
+
+
+def reference_spec(config: Any, model: ModelBuilder, routed: bool) -> minimal_reference.Spec:
+    """The reference settings matching ``config`` (the digits config, float32)."""
+    net = model.abstract_model
+    route = routing.parse_routes(config.routes)[0]
+    return minimal_reference.Spec(
+        depth=net.depth, width=net.hidden_size, heads=net.blocks[0].num_heads, patch=net.patch_size,
+        image=model.image_shape, num_classes=model.num_classes,
+        route=(route.start, route.end, route.ratio) if routed else None,
+        sigma_data=config.diffusion.sigma_data, p_mean=config.diffusion.P_mean, p_std=config.diffusion.P_std,
+        label_dropout=config.label_dropout, learning_rate=config.optim.learning_rate, b1=config.optim.b1,
+        b2=config.optim.b2, warmup_steps=config.optim.warmup_steps, ema_decay=config.ema_decay, seed=config.seed,
+    )
+
+
+def programs(config: Any, model: ModelBuilder, batch: dict[str, jax.Array]) -> dict[str, tuple[Callable, Any]]:
+    """``name -> (step, state)``: ``step(state) -> state``, jitted with the state donated."""
+    params = model.init_params()
+    objective = diffusion.create_objective(config.diffusion)
+    tx = train_state.create_optimizer(config.optim)
+    out = {}
+    for routed in (False, True):
+        routes = routing.parse_routes(config.routes) if routed else ()
+        trainer = jax.jit(make_train_step(config, model, objective, tx, routes), donate_argnums=(0,))
+        spec = reference_spec(config, model, routed)
+        reference = jax.jit(lambda s, b, spec=spec: minimal_reference.train_step(spec, s, b["image"], b["label"])[0],
+                            donate_argnums=(0,))
+        copy = lambda: jax.tree.map(jnp.copy, params)
+        kind = "routed" if routed else "dense"
+        out[f"trainer {kind}"] = (lambda s, f=trainer: f(s, batch)[0], train_state.init_train_state(copy(), tx))
+        out[f"reference {kind}"] = (lambda s, f=reference: f(s, batch),
+                                    minimal_reference.init_state(minimal_reference.from_tread_params(copy())))
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Steps/s medians of the four programs, their ratios and the FLOP ratio."""
+    config, model = digits_setup(args.depth, args.width, args.heads)
+    key_images, key_labels = jax.random.split(jax.random.key(1))
+    batch = {"image": jax.random.uniform(key_images, (args.batch, 8, 8, 1), minval=-1.0, maxval=1.0),
+             "label": jax.random.randint(key_labels, (args.batch,), 0, 10)}
+    runs = programs(config, model, batch)
+    states = {}
+    for name, (step, state) in runs.items():
+        states[name] = jax.block_until_ready(step(state))  # compile
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(args.reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            step, state = runs[name][0], states[name]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                state = step(state)
+            states[name] = jax.block_until_ready(state)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    net, routes = model.abstract_model, routing.parse_routes(config.routes)
+    return {
+        "steps_per_s": {name: 1.0 / t for name, t in median.items()},
+        "trainer/reference time, routed": median["trainer routed"] / median["reference routed"],
+        "trainer/reference time, dense": median["trainer dense"] / median["reference dense"],
+        "routed/dense time, trainer": median["trainer routed"] / median["trainer dense"],
+        "routed/dense time, reference": median["reference routed"] / median["reference dense"],
+        "routed/dense FLOPs": flops.dit_forward_macs(net, 8, 8, routes) / flops.dit_forward_macs(net, 8, 8),
+    }
+
+
+def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
+    """This benchmark in subprocesses, rotating the ways of setting glibc's thresholds:
+    steps/s of each way over the default's (medians over rounds)."""
+    speed: dict[str, list[dict[str, float]]] = {mode: [] for mode in MALLOC_MODES}
+    modes = list(MALLOC_MODES)
+    for rnd in range(args.malloc_rounds):
+        for mode in modes[rnd % len(modes):] + modes[: rnd % len(modes)]:
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+            env.update(MALLOC_ENV if mode == "environment" else {})
+            prefix = ["-c", MALLOPT_THEN_RUN] if mode == "mallopt" else []
+            out = subprocess.run([sys.executable, *prefix, __file__, *argv, "--malloc_rounds=0", "--json"], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+            speed[mode].append(json.loads(out.splitlines()[-1])["steps_per_s"])
+    base = {name: statistics.median(s[name] for s in speed["default"]) for name in speed["default"][0]}
+    ratios = {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
+                                             for name in base} for mode in modes[1:]}
+    # Each run's figure too: one process's speed can differ from the next one's for other reasons.
+    each = {f"trainer routed steps/s, {mode} runs": {str(i): s["trainer routed"] for i, s in enumerate(runs)}
+            for mode, runs in speed.items()}
+    return {**ratios, **each}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per program")
+    parser.add_argument("--steps", type=int, default=5, help="train steps per repetition")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--depth", type=int, help="resize the digits model (tests)")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--malloc_rounds", type=int, default=0,
+                        help="compare glibc malloc settings over this many rounds of subprocess runs")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    if args.malloc_rounds:
+        result = malloc_comparison(args, argv)
+    else:
+        result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"batch {args.batch}, median of {args.reps} x {args.steps} steps, alternating:")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"  {key}:")
+            for name, v in value.items():
+                print(f"    {name:18} {v:.2f}")
+        else:
+            print(f"  {key:32} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
