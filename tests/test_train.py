@@ -17,7 +17,7 @@ import pytest
 import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, routing, train, train_state
 from tread_jax.sampler import Sampler
-from tread_jax.train_step import make_train_step
+from tread_jax.train_step import all_finite, make_train_step
 
 tl.enable_compilation_cache()
 
@@ -256,3 +256,11 @@ def test_sampling_needs_only_the_workdir(data_dir, tmp_path, monkeypatch):
     images = Sampler.for_ema(config, ema, num_steps=2, name="workdir_only").sample(ema.params, np.arange(4), seed=1)
     assert ema.step == 2 and images.shape == (4, 8, 8, 1)
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+def test_all_finite_sees_any_non_finite_element(bad):
+    tree = {"w": np.ones((3, 4), np.float32), "count": np.int32(7), "b": {"x": np.zeros(5, np.float32)}}
+    if bad is not None:
+        tree["b"]["x"][2] = bad
+    assert bool(jax.jit(all_finite)(tree)) == (bad is None)

@@ -37,8 +37,13 @@ def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], 
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """True when every element of every leaf of ``tree`` is finite: one reduction per leaf."""
-    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+    """True when every element of every leaf of ``tree`` is finite.
+
+    ``x * 0`` is 0 for a finite ``x`` and NaN for an infinite or NaN one, and sums carry NaN, so
+    one float sum per leaf decides it: measured 30% cheaper on CPU than a boolean reduction per
+    leaf (benchmarks/README.md, routed_step.py).
+    """
+    return jnp.isfinite(sum(jnp.sum(leaf * 0, dtype=jnp.float32) for leaf in jax.tree.leaves(tree)))
 
 
 def kept_token_loss(per_element: jax.Array, plan: routing.RoutePlan, patch_size: int, mae_coef: float) -> jax.Array:
