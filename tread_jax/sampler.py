@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tread_jax import diffusion, runtime, sharding
-from tread_jax.metrics import evaluator, reference_stats
+from tread_jax import data, diffusion, runtime, sharding
+from tread_jax.metrics import evaluator
 from tread_jax.model_builder import EmaWeights, ModelBuilder
 
 
@@ -53,7 +53,7 @@ class Sampler:
         if guidance_scale != 1.0 or guidance_interval:
             guidance = diffusion.Guidance(scale=guidance_scale, interval=guidance_interval,
                                           null_class=model.num_classes)
-        decode, decoder_params = reference_stats.pixel_decoder(config.data)
+        decode, decoder_params = data.pixel_decoder(config.data)
         replicated = sharding.replicated(mesh)
         self._decoder_params = jax.device_put(decoder_params, replicated)
         height, width, channels = model.image_shape

@@ -9,6 +9,7 @@ from tread_jax.data.pipeline import (
     default_config,
     default_data_dir,
     load_split_arrays,
+    pixel_decoder,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "default_config",
     "default_data_dir",
     "load_split_arrays",
+    "pixel_decoder",
 ]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -194,6 +195,17 @@ def split_reader(
         )
     reader = _RecordReader(builder.as_data_source(split=split))
     return (lambda indices: spec.decode(reader.read(indices))), len(reader)
+
+
+def pixel_decoder(data_config: ml_collections.ConfigDict) -> tuple[
+        Callable[[Any, jax.Array], jax.Array] | None, Any]:
+    """``(decode(params, x) -> pixels in [-1, 1], params)`` for latent datasets, (None, ()) for
+    pixel datasets. ``decode`` is pure, for use inside a jitted sampler or feature program."""
+    if DATASETS[data_config.name].pixel_space:
+        return None, ()
+    from tread_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top  # heavy, optional
+
+    return latents.vae_decoder(data_config.get("vae") or vae_lib.SD_VAE_REPO)
 
 
 def load_split_arrays(

@@ -37,18 +37,6 @@ from tread_jax.metrics import evaluator, fid
 PR_FEATURES = "pr_features"
 
 
-def pixel_decoder(data_config: ml_collections.ConfigDict) -> tuple[
-        Callable[[Any, jax.Array], jax.Array] | None, Any]:
-    """``(decode(params, x) -> pixels in [-1, 1], params)`` for latent datasets, (None, ()) for
-    pixel datasets. ``decode`` is pure, for use inside a jitted sampler or feature program."""
-    if pipeline.DATASETS[data_config.name].pixel_space:
-        return None, ()
-    from tread_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top  # heavy, optional
-    from tread_jax.data import latents  # pylint: disable=g-import-not-at-top
-
-    return latents.vae_decoder(data_config.get("vae") or vae_lib.SD_VAE_REPO)
-
-
 def dataset_images_fn(data_config: ml_collections.ConfigDict, split: str,
                       mesh: jax.sharding.Mesh) -> tuple[Callable[[np.ndarray], jax.Array], int]:
     """``images_fn`` for ``evaluator.run`` over a split in stored order, and the split's size.
@@ -57,7 +45,7 @@ def dataset_images_fn(data_config: ml_collections.ConfigDict, split: str,
     read the last record; ``run`` ignores those rows).
     """
     read, size = pipeline.split_reader(data_config, split)
-    decode, decoder_params = pixel_decoder(data_config)
+    decode, decoder_params = pipeline.pixel_decoder(data_config)
     batch = sharding.batch_sharding(mesh)
     if decode is not None:
         decoder_params = jax.device_put(decoder_params, sharding.replicated(mesh))
