@@ -315,3 +315,25 @@ def test_evaluation_compiles_with_the_multi_process_barrier(checkpoint, monkeypa
     assert result["complete"]
     assert len(names) == len(set(names)) == 2, names
     assert any(n.startswith("eval_") for n in names) and any(n.startswith("extract_digits") for n in names)
+
+
+def test_training_evaluations_compile_each_program_once(checkpoint, tmp_path, monkeypatch):
+    # In-loop evaluation every N steps reuses the sampler's and the extractor's compiled
+    # programs: compiling the FID Inception again at each evaluation would cost minutes a run.
+    from tread_jax import evaluation, model_builder, runtime
+
+    config_file, trained = checkpoint
+    names, compile_everywhere = [], runtime.compile_everywhere
+    monkeypatch.setattr(runtime, "compile_everywhere",
+                        lambda jitted, *args, name: names.append(name) or compile_everywhere(jitted, *args, name=name))
+    config = tl.load_config(config_file)
+    config.eval.every, config.eval.num_samples, config.eval.num_steps, config.eval.per_device_batch = 1, 8, 2, 8
+    workdir = str(_copy(trained, "in_loop"))
+    ema = model_builder.restore_ema(config, workdir)
+    evaluations = evaluation.TrainingEvaluator(config, workdir, model=ema.model, mesh=ema.mesh,
+                                               param_shardings=ema.param_shardings)
+    first = evaluations.periodic(ema.params, 1)
+    second = evaluations.periodic(ema.params, 2)
+    timeless = lambda metrics: {k: v for k, v in metrics.items() if "seconds" not in k}
+    assert timeless(first) == timeless(second) and "eval/accuracy" in first  # same weights, same samples
+    assert len(names) == 2, names  # one sampler and one extractor program, for both evaluations

@@ -26,6 +26,7 @@ images.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import os
 import time
@@ -225,9 +226,10 @@ class FeatureExtractor(abc.ABC):
     """A network on pixel images [-1, 1] NHWC that runs on device, what to accumulate from its
     outputs, and how to turn the accumulators into metrics.
 
-    ``apply(params, images) -> {name: [B, ...]}`` is pure and jitted by ``run`` with ``params``
-    replicated and the batch split over the mesh. ``host_outputs`` post-processes this
-    process's rows on the host (identity unless a model only exists on the host).
+    ``apply(params, images) -> {name: [B, ...]}`` is pure and compiled by ``compiled_apply``
+    with ``params`` replicated and the batch split over the mesh. ``host_outputs``
+    post-processes this process's rows on the host (identity unless a model only exists on the
+    host).
     """
 
     name: str
@@ -239,6 +241,24 @@ class FeatureExtractor(abc.ABC):
 
     def host_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return outputs
+
+    def compiled_apply(self, mesh: jax.sharding.Mesh, images: jax.Array, *, name: str) -> tuple[Callable, Any]:
+        """``(apply compiled for images like these on mesh, params placed for it)``.
+
+        Compiled once per mesh and batch shape and kept, so that evaluations during training do
+        not compile again; with the multi-process barrier (``name``), as the trainer compiles.
+        """
+        key = (mesh, images.shape, images.dtype)
+        if key not in self._programs:
+            replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+            params = jax.device_put(self.params, replicated)
+            extract = jax.jit(self.apply, in_shardings=(replicated, split), out_shardings=split)
+            self._programs[key] = runtime.compile_everywhere(extract, params, images, name=name), params
+        return self._programs[key]
+
+    @functools.cached_property
+    def _programs(self) -> dict[tuple, tuple[Callable, Any]]:
+        return {}
 
     @abc.abstractmethod
     def accumulators(self, num_samples: int) -> Accumulators:
@@ -499,11 +519,6 @@ def run(
     if jax.process_index() != 0:
         accs = fresh()  # process 0 holds the saved (already merged) part
 
-    replicated = sharding.replicated(mesh)
-    params = jax.device_put(extractor.params, replicated)
-    extract = jax.jit(extractor.apply, in_shardings=(replicated, sharding.batch_sharding(mesh)),
-                      out_shardings=sharding.batch_sharding(mesh))
-    compiled_extract = None
     padded_labels = np.concatenate([labels, np.zeros(global_batch_size, np.int32)])
 
     def save(next_index: int) -> Accumulators:
@@ -531,11 +546,9 @@ def run(
         images = images_fn(indices)
         if on_batch is not None:
             on_batch(images, indices, count)
-        if compiled_extract is None:
-            # With the multi-process barrier, as the trainer compiles (gloo's 30 s limit).
-            compiled_extract = runtime.compile_everywhere(
-                extract, params, images, name=f"extract_{extractor.name}_{description}_{global_batch_size}")
-        outputs = compiled_extract(params, images)
+        extract, params = extractor.compiled_apply(
+            mesh, images, name=f"extract_{extractor.name}_{description}_{global_batch_size}")
+        outputs = extract(params, images)
         local = {}
         for name, value in outputs.items():
             local[name], rows = local_rows(value)
