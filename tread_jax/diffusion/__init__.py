@@ -1,7 +1,7 @@
 """Diffusion objectives: one loss and one sampler per formulation, behind a small interface.
 
 ``create_objective(config)`` builds an objective from an ml_collections config whose ``name`` is
-"edm" or "flow"; ``default_config(name)`` gives the published defaults (docs/method.md) for config files to embed.
+"edm", "flow" or "ddpm"; ``default_config(name)`` gives the published defaults (docs/method.md) for config files to embed.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Protocol
 import jax
 import ml_collections
 
+from tread_jax.diffusion.ddpm import DDPM
 from tread_jax.diffusion.edm import EDM
 from tread_jax.diffusion.flow import Flow
 from tread_jax.diffusion.guidance import Guidance, RawNet, drop_labels, guided_net
 from tread_jax.diffusion.route_loss import routed_loss, token_loss
 
-OBJECTIVES = {"edm": EDM, "flow": Flow}
+OBJECTIVES = {"edm": EDM, "flow": Flow, "ddpm": DDPM}
 
 
 class Objective(Protocol):
@@ -60,6 +61,7 @@ def create_objective(config: ml_collections.ConfigDict) -> Objective:
 
 
 __all__ = [
+    "DDPM",
     "EDM",
     "Flow",
     "Guidance",

@@ -1,8 +1,9 @@
 """Guidance at sampling time (classifier-free, interval, sparse) and label dropout for training.
 
-Guidance acts on the raw network output F. Both objectives are affine in F at a fixed input
-(EDM: D = c_skip x + c_out F; flow: the velocity is F itself), so ``F_u + s (F_c - F_u)``
-equals guiding the denoiser or the velocity, and one wrapper serves every objective.
+Guidance acts on the raw network output F. The objectives are affine in F at a fixed input
+(EDM: D = c_skip x + c_out F; flow: the velocity is F itself; DDPM: x0 is affine in its epsilon
+channels), so ``F_u + s (F_c - F_u)`` equals guiding the denoiser, the velocity or x0, and one
+wrapper serves every objective (DDPM's variance channels are left unguided, ``guided_channels``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ def _as_f32(net: RawNet) -> RawNet:
     return lambda x, n, y: net(x, n, y).astype(jnp.float32)
 
 
-def guided_net(net: RawNet, guidance: Guidance | None) -> Callable[[jax.Array], RawNet]:
+def guided_net(
+    net: RawNet, guidance: Guidance | None, guided_channels: int | None = None
+) -> Callable[[jax.Array], RawNet]:
     """``at(level) -> raw net`` to call at noise level ``level`` (a scalar shared by the batch).
+
+    ``guided_channels``: guide only the first k output channels (last axis) and take the rest from
+    the conditional pass; DDPM guides its epsilon channels, not its variance channels.
 
     Whether guidance runs at all is decided here in Python: with no guidance or scale 1 the
     sampler compiles only the conditional pass. Classifier-free guidance concatenates the
@@ -73,12 +79,17 @@ def guided_net(net: RawNet, guidance: Guidance | None) -> Callable[[jax.Array], 
         return lambda level: cond_net
     scale = guidance.scale
 
+    def mix(strong: jax.Array, base: jax.Array) -> jax.Array:
+        guided = base + scale * (strong - base)
+        if guided_channels is None:
+            return guided
+        return jnp.concatenate([guided[..., :guided_channels], strong[..., guided_channels:]], axis=-1)
+
     if guidance.weak_net is not None:
         weak_net = _as_f32(guidance.weak_net)
 
         def combined(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array) -> jax.Array:
-            weak = weak_net(x, noise_labels, class_labels)
-            return weak + scale * (cond_net(x, noise_labels, class_labels) - weak)
+            return mix(cond_net(x, noise_labels, class_labels), weak_net(x, noise_labels, class_labels))
 
     else:
         null_class = guidance.null_class
@@ -90,8 +101,7 @@ def guided_net(net: RawNet, guidance: Guidance | None) -> Callable[[jax.Array], 
                 jnp.concatenate([noise_labels, noise_labels]),
                 jnp.concatenate([class_labels, jnp.full_like(class_labels, null_class)]),
             )
-            cond, uncond = out[:batch], out[batch:]
-            return uncond + scale * (cond - uncond)
+            return mix(out[:batch], out[batch:])
 
     if guidance.interval is None:
         return lambda level: combined
