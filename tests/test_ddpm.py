@@ -158,6 +158,22 @@ def test_sample_runs_and_is_reproducible(sampler):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampler_recovers_point_mass(sampler):
+    # Data = the constant c: the exact eps at (x_t, t) is (x_t - sqrt(a_t) c) / sqrt(1 - a_t), so
+    # both samplers end at c, provided the net is given the original step t of each respaced step.
+    c = 0.7
+    cumprod = DDPM().schedule()["alphas_cumprod"]
+
+    def net(x, t, y):
+        a = cumprod[t.astype(jnp.int32)][:, None, None, None]
+        return jnp.concatenate([(x - jnp.sqrt(a) * c) / jnp.sqrt(1.0 - a), -jnp.ones_like(x)], -1)
+
+    noise = jax.random.normal(jax.random.key(0), SHAPE)
+    out = DDPM(sampler=sampler, num_steps=10).sample(net, noise, jnp.zeros(2, jnp.int32))
+    np.testing.assert_allclose(np.asarray(out), c, atol=1e-3)
+
+
 def test_config_round_trip():
     config = diffusion.default_config("ddpm")
     assert config.num_timesteps == 1000 and config.num_steps == 250 and config.sampler == "ddpm"
