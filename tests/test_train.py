@@ -264,3 +264,16 @@ def test_all_finite_sees_any_non_finite_element(bad):
     if bad is not None:
         tree["b"]["x"][2] = bad
     assert bool(jax.jit(all_finite)(tree)) == (bad is None)
+
+
+def test_the_ddpm_objective_trains_and_samples_through_the_trainer(data_dir, tmp_path):
+    # DDPM's learned variance doubles the model's output channels (the objective says so), and
+    # its loss, ancestral sampler and grids run through the ordinary loop.
+    config = tl.tiny_config(data_dir, **{"sample.every": 8, "sample.num_steps": 4, "sample.per_class": 1})
+    config.diffusion = diffusion.default_config("ddpm")
+    workdir = str(tmp_path / "ddpm")
+    result = train.train_and_evaluate(config, workdir)
+    assert result["step"] == 8 and np.isfinite(result["loss"])
+    kernel = tl.load_state(workdir, 8)["params"]["final_layer"]["proj"]["kernel"]
+    assert kernel.shape[-1] == 2 * 2 * 2 * 1  # patch 2 x 2, epsilon and variance of 1 channel
+    assert (tmp_path / "ddpm" / "samples" / "step_0000008.png").exists()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tread_jax import checkpoint, data, models, sharding, workdir as workdir_lib
+from tread_jax import checkpoint, data, diffusion, models, sharding, workdir as workdir_lib
 
 
 class ModelBuilder:
@@ -35,6 +35,8 @@ class ModelBuilder:
                 config.model.name,
                 input_size=height,
                 in_channels=channels,
+                # The objective decides: DDPM's learned variance doubles the output channels.
+                out_channels=diffusion.create_objective(config.diffusion).output_channels(channels),
                 num_classes=info.num_classes,
                 compute_dtype=jnp.dtype(config.model.compute_dtype),
                 scan_blocks=config.model.get("scan_blocks", False),

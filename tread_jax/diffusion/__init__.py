@@ -24,6 +24,9 @@ OBJECTIVES = {"edm": EDM, "flow": Flow, "ddpm": DDPM}
 class Objective(Protocol):
     """What the trainer and the evaluator use."""
 
+    def output_channels(self, data_channels: int) -> int:
+        """Channels the network must output for data with ``data_channels`` channels."""
+
     def loss(self, net: RawNet, x: jax.Array, class_labels: jax.Array, key: jax.Array) -> jax.Array:
         """Per-element weighted loss f32[B,H,W,C]; net is the raw network (routing bound by the caller)."""
 

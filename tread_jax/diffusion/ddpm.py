@@ -150,6 +150,10 @@ class DDPM:
         prev = tables["alphas_cumprod_prev"][index]
         return jnp.sqrt(prev) * x0 + jnp.sqrt(1.0 - prev) * eps
 
+    def output_channels(self, data_channels: int) -> int:
+        """Epsilon, then the variance interpolation value v, per data channel."""
+        return 2 * data_channels
+
     def loss_at(
         self, net: RawNet, x: jax.Array, class_labels: jax.Array, t: jax.Array, noise: jax.Array
     ) -> jax.Array:

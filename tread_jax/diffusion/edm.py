@@ -47,6 +47,10 @@ class EDM:
         out = net(per_sample(c_in) * x, c_noise, class_labels).astype(jnp.float32)
         return per_sample(c_skip) * x + per_sample(c_out) * out
 
+    def output_channels(self, data_channels: int) -> int:
+        """The network predicts one value per data channel."""
+        return data_channels
+
     def loss(self, net: RawNet, x: jax.Array, class_labels: jax.Array, key: jax.Array) -> jax.Array:
         """Per-element weighted loss f32[B,H,W,C]: lambda(sigma) (D(x + sigma n, sigma) - x)^2."""
         x = x.astype(jnp.float32)

@@ -38,6 +38,10 @@ class Flow:
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
         return net(z, t, class_labels).astype(jnp.float32)
 
+    def output_channels(self, data_channels: int) -> int:
+        """The network predicts one value per data channel."""
+        return data_channels
+
     def loss(self, net: RawNet, x: jax.Array, class_labels: jax.Array, key: jax.Array) -> jax.Array:
         """Per-element loss f32[B,H,W,C]: (v(z_t, t) - (eps - x))^2, t = sigmoid(N(mean, std^2))."""
         x = x.astype(jnp.float32)
