@@ -45,3 +45,23 @@ def test_check_of_the_imagenet_config_from_abstract_shapes(tmp_path, monkeypatch
     assert 0.6 < routed_share < 0.8  # the paper: about 0.70 of the dense forward for S
     assert "train step memory per device (XLA estimate)" in text
     assert os.listdir(tmp_path / "run") == []
+
+
+def test_check_compiles_the_call_the_loop_runs(tmp_path):
+    # With several steps per call the loop runs a lax.scan over stacked batches: --check must
+    # estimate that program, not a one-step one.
+    config = tl.load_config()
+    config.model.overrides = dict(depth=2, hidden_size=32, num_heads=2)
+    config.routes = (dict(start=0, end=0, ratio=0.5),)
+    config.global_batch_size = 2048
+    one = run_check.describe_run(config, str(tmp_path / "one"))
+    config.steps_per_call = 4
+    four = run_check.describe_run(config, str(tmp_path / "four"))
+    assert "train step memory per device (XLA estimate, 4 steps per call)" in four
+
+    def argument_mib(text: str) -> float:
+        return float(text.split("= arguments ")[1].split(" MiB")[0])
+
+    # The four stacked batches are arguments of the program: 3 more batches of 2048 8x8 images
+    # (1.5 MiB of float32; the figures are printed to 0.1 MiB).
+    assert argument_mib(four) - argument_mib(one) >= 1.4

@@ -19,14 +19,18 @@ from tread_jax import data, diffusion, preflight, sharding, train_state
 from tread_jax.model_builder import ModelBuilder, with_shardings
 from tread_jax.models import flops
 from tread_jax.models.dit import DiT
-from tread_jax.train_step import make_train_step
+from tread_jax.logging_utils import TrainMetrics
+from tread_jax.train_step import jit_train_call
 
 
 def _abstract_batch(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """ShapeDtypeStructs of a global batch as the pipeline yields it (latents carry their std)."""
-    split = sharding.batch_sharding(mesh)
-    image = jax.ShapeDtypeStruct((config.global_batch_size, *info.image_shape), jnp.float32, sharding=split)
-    batch = {"image": image, "label": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=split)}
+    """ShapeDtypeStructs of the batches of one train call as the pipeline yields them (latents
+    carry their std)."""
+    per_call = config.get("steps_per_call", 1)
+    split = sharding.batch_sharding(mesh, stacked=per_call > 1)
+    steps = (per_call,) if per_call > 1 else ()  # several steps per call: their batches stacked
+    image = jax.ShapeDtypeStruct((*steps, config.global_batch_size, *info.image_shape), jnp.float32, sharding=split)
+    batch = {"image": image, "label": jax.ShapeDtypeStruct((*steps, config.global_batch_size), jnp.int32, sharding=split)}
     if not data.DATASETS[info.name].pixel_space:
         batch["image_std"] = image
     return batch
@@ -70,21 +74,22 @@ def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         lines.append(f"model FLOPs per step: no analytic count for {type(model.abstract_model).__name__}")
 
     started = time.perf_counter()
-    step = jax.jit(
-        make_train_step(config, model, diffusion.create_objective(config.diffusion), tx, routes),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    compiled = step.lower(with_shardings(abstract_state, state_sharding), _abstract_batch(config, info, mesh)).compile()
+    train_call = jit_train_call(config, model, diffusion.create_objective(config.diffusion), tx, routes, mesh,
+                                state_sharding)
+    metrics = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding.replicated(mesh)),
+                           jax.eval_shape(TrainMetrics.empty))
+    compiled = train_call.lower(with_shardings(abstract_state, state_sharding), _abstract_batch(config, info, mesh),
+                                metrics).compile()
     memory = compiled.memory_analysis()
+    per_call = config.get("steps_per_call", 1)
+    per_call_note = f", {per_call} steps per call" if per_call > 1 else ""
     if memory is None:
         lines.append("train step memory: XLA gives no estimate on this platform")
     else:
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                  + memory.temp_size_in_bytes)
         lines.append(
-            f"train step memory per device (XLA estimate): {_bytes(total)} = arguments "
+            f"train step memory per device (XLA estimate{per_call_note}): {_bytes(total)} = arguments "
             f"{_bytes(memory.argument_size_in_bytes)} + outputs {_bytes(memory.output_size_in_bytes)} - donated "
             f"{_bytes(memory.alias_size_in_bytes)} + temporaries {_bytes(memory.temp_size_in_bytes)} "
             f"(compiled from abstract shapes in {time.perf_counter() - started:.1f}s)")

@@ -30,7 +30,7 @@ from tread_jax.model_builder import ModelBuilder, with_shardings
 from tread_jax.prefetch import DevicePrefetcher
 from tread_jax.profiling import StepProfiler
 from tread_jax.sampler import Sampler
-from tread_jax.train_step import make_train_call, make_train_step
+from tread_jax.train_step import jit_train_call
 
 
 def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -> None:
@@ -120,13 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise ValueError(f"the run starts at step {start_step}, not a multiple of steps_per_call ({per_call})")
         _write_parameter_overview(workdir, state.params)
 
-        train_call = jax.jit(
-            make_train_call(make_train_step(config, model, objective, tx, routes), per_call),
-            in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked=per_call > 1),
-                          sharding.replicated(mesh)),
-            out_shardings=(state_sharding, sharding.replicated(mesh)),
-            donate_argnums=(0, 2),
-        )
+        train_call = jit_train_call(config, model, objective, tx, routes, mesh, state_sharding)
         empty_metrics = jax.jit(TrainMetrics.empty, out_shardings=sharding.replicated(mesh))
         sample_cfg = config.sample
         grid_labels = np.repeat(sample_cfg.get("classes", None) or np.arange(info.num_classes), sample_cfg.per_class)

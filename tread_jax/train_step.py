@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tread_jax import diffusion, routing, train_state
+from tread_jax import diffusion, routing, sharding, train_state
 from tread_jax.data import latents
 from tread_jax.logging_utils import TrainMetrics
 from tread_jax.model_builder import ModelBuilder
@@ -135,3 +135,17 @@ def make_train_call(step_fn: TrainStep, steps_per_call: int) -> TrainCall:
         return jax.lax.scan(accumulate, (state, metrics), batches, length=steps_per_call)[0]
 
     return call
+
+
+def jit_train_call(config: ml_collections.ConfigDict, model: ModelBuilder, objective: diffusion.Objective,
+                   tx: optax.GradientTransformation, routes: tuple[routing.Route, ...], mesh: jax.sharding.Mesh,
+                   state_sharding: Any) -> Any:
+    """The train call as the loop runs it (``config.steps_per_call`` steps), jitted with the
+    state's and the batches' shardings and with the state and the metrics donated."""
+    per_call = config.get("steps_per_call", 1)
+    return jax.jit(
+        make_train_call(make_train_step(config, model, objective, tx, routes), per_call),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked=per_call > 1), sharding.replicated(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0, 2),
+    )
