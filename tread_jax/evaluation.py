@@ -85,11 +85,13 @@ def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray
     return labels[np.random.default_rng(seed).permutation(num_samples)]
 
 
-def create_extractor(config: ml_collections.ConfigDict, *, reference: str | None, mesh: jax.sharding.Mesh,
-                     global_batch_size: int, pr_samples: int = evaluator.DEFAULT_PR_SAMPLES,
-                     inception_weights: str | None = None, preprocessing: str = "adm",
-                     cache_dir: str = ".") -> evaluator.FeatureExtractor:
-    """The digits judge for the digits dataset, the FID Inception (with ``reference``) otherwise."""
+def create_extractor(config: ml_collections.ConfigDict, workdir: str, *, reference: str | None,
+                     mesh: jax.sharding.Mesh, per_device_batch: int, pr_samples: int = evaluator.DEFAULT_PR_SAMPLES,
+                     inception_weights: str | None = None, preprocessing: str = "adm") -> evaluator.FeatureExtractor:
+    """The digits judge for the digits dataset, the FID Inception (with ``reference``) otherwise.
+
+    Reference statistics computed from images are cached under ``<workdir>/eval/reference_cache``.
+    """
     if config.data.name == "digits":
         from tread_jax.metrics import digits  # pylint: disable=g-import-not-at-top
 
@@ -103,8 +105,8 @@ def create_extractor(config: ml_collections.ConfigDict, *, reference: str | None
     stats = features = None
     if reference:
         stats, features = reference_stats.load_reference(
-            reference, model, mesh=mesh, global_batch_size=global_batch_size, pr_samples=pr_samples,
-            cache_dir=cache_dir)
+            reference, model, mesh=mesh, global_batch_size=per_device_batch * sharding.data_parallel_size(mesh),
+            pr_samples=pr_samples, cache_dir=os.path.join(os.path.abspath(workdir), "eval", "reference_cache"))
     return evaluator.InceptionExtractor(model, reference=stats, reference_pool=features, pr_samples=pr_samples)
 
 
@@ -225,9 +227,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, setting
     """
     ema = restore_ema(config, workdir, step)
     extractor = create_extractor(
-        config, reference=reference, mesh=ema.mesh, global_batch_size=settings.per_device_batch * jax.device_count(),
-        pr_samples=pr_samples, inception_weights=inception_weights, preprocessing=preprocessing,
-        cache_dir=os.path.join(os.path.abspath(workdir), "eval", "reference_cache"))
+        config, workdir, reference=reference, mesh=ema.mesh, per_device_batch=settings.per_device_batch,
+        pr_samples=pr_samples, inception_weights=inception_weights, preprocessing=preprocessing)
     evaluation = Evaluation(config, settings, model=ema.model, mesh=ema.mesh, param_shardings=ema.param_shardings,
                             extractor=extractor)
     result = evaluation(ema.params, ema.step, workdir=workdir, output=output, save_npz=save_npz,
@@ -267,9 +268,8 @@ class TrainingEvaluator:
         if self._shared is None:
             settings = self._settings
             extractor = create_extractor(
-                self.config, reference=self.config.eval.get("reference", None) or None, mesh=self._mesh,
-                global_batch_size=settings.per_device_batch * sharding.data_parallel_size(self._mesh),
-                cache_dir=os.path.join(os.path.abspath(self.workdir), "eval", "reference_cache"))
+                self.config, self.workdir, reference=self.config.eval.get("reference", None) or None,
+                mesh=self._mesh, per_device_batch=settings.per_device_batch)
             self._shared = Evaluation(self.config, settings, model=self._model, mesh=self._mesh,
                                       param_shardings=self._param_shardings, extractor=extractor)
         return self._shared
