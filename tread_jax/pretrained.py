@@ -35,14 +35,21 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # authoritative source when this was written, so the first download's digest is recorded beside
 # the file and every later use is checked against that record (trust on first use).
 HUB_SHA256: dict[str, str | None] = {f"{SUBFOLDER}/{CONFIG_FILE}": None, f"{SUBFOLDER}/{WEIGHTS_FILE}": None}
-_TRANSFORMER_CLASS = "DiTTransformer2DModel"
+# diffusers' DiT class, and the generic class the hub checkpoints were converted to (diffusers'
+# scripts/convert_dit_to_diffusers.py), which is a DiT when its norm_type is "ada_norm_zero".
+_TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+
+
+def _is_dit_config(config: dict[str, Any]) -> bool:
+    name = config.get("_class_name")
+    return name == _TRANSFORMER_CLASSES[0] or (name == _TRANSFORMER_CLASSES[1] and config.get("norm_type") == "ada_norm_zero")
 
 
 def _is_transformer_folder(path: Path) -> bool:
-    """A folder whose config.json names diffusers' DiT transformer class."""
+    """A folder whose config.json describes a diffusers DiT transformer."""
     try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("_class_name") == _TRANSFORMER_CLASS
-    except (OSError, ValueError):
+        return _is_dit_config(json.loads((path / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -89,18 +96,22 @@ def resolve(source: str) -> Path:
     folder = path if (path / CONFIG_FILE).is_file() and not (path / SUBFOLDER).is_dir() else path / SUBFOLDER
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
+            # Older diffusers folders hold torch pickles only; diffusers rewrites them as safetensors.
+            convert_hint = (f"; convert its .bin once with diffusers: DiTTransformer2DModel.from_pretrained('{folder}')"
+                            f".save_pretrained('{folder}')" if (folder / "diffusion_pytorch_model.bin").is_file() else "")
             raise FileNotFoundError(
                 f"{folder / name} not found: a diffusers DiT folder needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                 f"(DiTTransformer2DModel.save_pretrained writes them; the public ones are in the "
-                f"{SUBFOLDER}/ folder of https://huggingface.co/{HUB_CHECKPOINTS[0]})")
+                f"{SUBFOLDER}/ folder of https://huggingface.co/{HUB_CHECKPOINTS[0]}){convert_hint}")
     return folder
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The diffusers transformer config of a ``resolve``d folder."""
     config = json.loads((folder / CONFIG_FILE).read_text())
-    if config.get("_class_name", _TRANSFORMER_CLASS) != _TRANSFORMER_CLASS:
-        raise ValueError(f"{folder / CONFIG_FILE} describes a {config['_class_name']}, not a {_TRANSFORMER_CLASS}")
+    if not isinstance(config, dict) or not _is_dit_config(config):
+        raise ValueError(f"{folder / CONFIG_FILE} does not describe a diffusers DiT ({_TRANSFORMER_CLASSES[0]}, or "
+                         f"{_TRANSFORMER_CLASSES[1]} with norm_type 'ada_norm_zero')")
     return config
 
 
