@@ -166,10 +166,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     check_local_path(workdir, "workdir")
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
-    if pretrained.is_diffusers_source(init_from):
-        if not checkpoint.saved_steps(workdir):  # needed only to start; a hub id is fetched here
-            pretrained.resolve(init_from)
-    elif init_from:
+    if init_from and not pretrained.is_diffusers_source(init_from):
         check_local_path(init_from, "init_from")
         if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
             raise FileNotFoundError(
@@ -185,5 +182,9 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
             f"{config.model.name}"
         )
+    # A diffusers DiT to start from, needed only to start: after the cheap checks, since a hub id
+    # is fetched here (gigabytes).
+    if pretrained.is_diffusers_source(init_from) and not checkpoint.saved_steps(workdir):
+        pretrained.resolve(init_from)
     check_workdir(workdir)
     return info
