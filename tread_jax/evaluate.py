@@ -76,8 +76,10 @@ def main(argv: list[str]) -> None:
     with cli.user_errors():
         if f.from_diffusers and f.step is not None:
             raise ValueError("--step names a checkpoint of the workdir; --from_diffusers evaluates an imported model")
-        if f.from_diffusers:
-            num_classes = pretrained.dataset_info(pretrained.resolve(f.from_diffusers), config.data.name).num_classes
+        # Resolved once: a hub id's files are checked against their digests on every resolve.
+        imported = pretrained.resolve(f.from_diffusers) if f.from_diffusers else None
+        if imported:
+            num_classes = pretrained.dataset_info(imported, config.data.name).num_classes
         else:
             num_classes = workdir_lib.dataset_info(config, workdir).num_classes
         settings = evaluation.settings_from_config(
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> None:
             per_device_batch=f.per_device_batch)
         if f.reference and not os.path.isfile(f.reference):
             raise FileNotFoundError(f"reference batch not found: {f.reference}")
-        weights = model_builder.import_ema(config, f.from_diffusers) if f.from_diffusers else None
+        weights = model_builder.import_ema(config, str(imported)) if imported else None
         result = evaluation.evaluate_checkpoint(
             config, workdir, settings, step=f.step, reference=f.reference, output=f.output,
             save_npz=f.save_npz, max_batches=f.max_batches, pr_samples=f.pr_samples,
