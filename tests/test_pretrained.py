@@ -23,7 +23,7 @@ import trainer_testlib as tl
 from tread_jax import data, diffusion, evaluation, model_builder, pretrained
 from tread_jax.data import latents
 from tread_jax.metrics import evaluator
-from tread_jax.models.convert import dit_from_diffusers
+from tread_jax.models import DiT, convert
 
 GUIDANCE = 1.5
 
@@ -155,7 +155,7 @@ def test_eval_binary_scores_a_diffusers_folder_and_fails_clearly(digits_dit):
 
     # The samples are those of the diffusers weights: our sampler on the converted model, with the
     # evaluation's labels and per-sample noise (fold_in(key(seed), i)).
-    model = dit_from_diffusers(torch_model)
+    model = convert.dit_from_diffusers(torch_model)
     labels = evaluation.balanced_labels(NUM_SAMPLES, 10, 0)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (8, 8, 1)))(
         jnp.arange(NUM_SAMPLES))
@@ -249,8 +249,8 @@ def test_routed_training_starts_from_imported_weights(digits_dit):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "initialised from the diffusers DiT" in proc.stdout + proc.stderr
     state = tl.load_state(str(workdir), 1)
-    imported = _flat(nnx.to_pure_dict(nnx.state(dit_from_diffusers(torch_model), nnx.Param)))
-    params, ema = _flat(state["params"]), _flat(state["ema_params"])
+    imported = _flat(nnx.to_pure_dict(nnx.state(convert.dit_from_diffusers(torch_model), nnx.Param)))
+    params, ema = _flat(state["params"]), _flat(state["ema_params"])  # numpy arrays (tl.load_state)
     assert params.keys() == imported.keys() == ema.keys()
     # One AdamW step moves each parameter by at most the learning rate; the EMA by 1 - decay of that.
     moved = max(float(np.abs(params[k] - imported[k]).max()) for k in imported)
@@ -261,14 +261,30 @@ def test_routed_training_starts_from_imported_weights(digits_dit):
 
 def _flat(tree) -> dict[str, np.ndarray]:
     """``{"a/b/c": array}``: checkpoints restore integer keys as strings."""
-    return {"/".join(map(str, path)): np.asarray(v) for path, v in traversals.flatten_mapping(tree).items()}
+    return {"/".join(map(str, path)): v for path, v in traversals.flatten_mapping(tree).items()}
 
 
-def test_published_configs():
-    config = tl.load_config(Path(tl.REPO) / "configs" / "dit_xl2_pretrained.py")
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_published_configs_fit_the_hub_checkpoints(tmp_path, resolution):
+    path = Path(tl.REPO) / "configs" / "dit_xl2_pretrained.py"
+    config = tl.load_config(path, f"{resolution}_cfg1.5")
     assert (config.eval.guidance, config.eval.num_steps, config.diffusion.name) == (1.5, 250, "ddpm")
-    assert config.diffusion.guided_channels == 3 and config.model.name == "DiT-XL/2"
-    unguided = tl.load_config(Path(tl.REPO) / "configs" / "dit_xl2_pretrained.py", "512")
-    assert unguided.eval.guidance == 1.0 and unguided.data.name == latents.dataset_name(512)
+    assert config.diffusion.guided_channels == 3 and config.data.name == latents.dataset_name(resolution)
+    assert tl.load_config(path, str(resolution)).eval.guidance == 1.0
+    # The hub checkpoints' transformer config, as diffusers' scripts/convert_dit_to_diffusers.py
+    # writes it: the configured model has exactly the parameter shapes the converter produces.
+    hub_config = dict(_class_name="Transformer2DModel", sample_size=resolution // 8, num_layers=28,
+                      attention_head_dim=72, in_channels=4, out_channels=8, patch_size=2, attention_bias=True,
+                      num_attention_heads=16, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                      norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    (tmp_path / "config.json").write_text(json.dumps(hub_config))
+    model = model_builder.ModelBuilder(config, pretrained.dataset_info(tmp_path, config.data.name))
+    converted = nnx.eval_shape(lambda: DiT(**convert.dit_kwargs_from_diffusers(hub_config), rngs=nnx.Rngs(0)))
+    want = {k: v.shape for k, v in _flat(nnx.to_pure_dict(nnx.state(converted, nnx.Param))).items()}
+    assert {k: v.shape for k, v in _flat(model.abstract_params()).items()} == want
+    assert sum(np.prod(shape) for shape in want.values()) == pytest.approx(675e6, rel=1e-3)  # the paper's 675M
+
+
+def test_unknown_published_variant():
     with pytest.raises(ValueError, match="unknown variant"):
         tl.load_config(Path(tl.REPO) / "configs" / "dit_xl2_pretrained.py", "1024")
