@@ -28,8 +28,9 @@ weights or accelerator were available to this project):
     DiT-XL/2 256    2.27           9.62
     DiT-XL/2 512    3.04           12.03
 
-Our samples use other random noise than DiT's ``sample_ddp.py``, so expect the figures within
-the usual spread of FID-50K between seeds (a few hundredths), not bit-equal samples.
+Our samples use other random noise than DiT's ``sample_ddp.py`` and balanced labels (50 per
+class; DiT draws labels uniformly at random), so expect the figures within the usual spread of
+FID-50K between seeds (a few hundredths), not bit-equal samples.
 
 Cost (estimate, not a measurement), from ``python benchmarks/estimate.py
 --config=configs/dit_xl2_pretrained.py:256_cfg1.5 --guided --fid_steps=125 --mfu=0.4`` (its Heun

@@ -7,8 +7,9 @@ in diffusers' layout. Differences the converter bridges:
   (``transformer_blocks.i.norm1.emb.*``); the original DiT, like ours, has one. Block 0's copy is
   used and the others must be identical (they are in converted checkpoints).
 - diffusers' timestep features divide the log-frequencies by ``half - 1``
-  (``downscale_freq_shift=1``) where the original DiT divides by ``half``; the imported model is
-  therefore built with ``timestep_freq_shift=1``.
+  (``downscale_freq_shift=1``) where the original DiT divides by ``half``; ``dit_from_diffusers``
+  builds with ``timestep_freq_shift=1`` to reproduce diffusers' outputs. The hub weights were
+  trained with the original features, which ``configs/dit_xl2_pretrained.py`` keeps (0).
 - separate ``to_q``/``to_k``/``to_v`` projections become our fused ``qkv`` kernel, whose output
   is split into q, k, v in thirds.
 - the patch convolution ``[D, C, p, p]`` becomes a Linear over patch pixels ordered ``(p, p, C)``
