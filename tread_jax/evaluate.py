@@ -27,8 +27,10 @@ under ``eval/0/<settings>``:
 
     python -m tread_jax.evaluate --config=configs/dit_xl2_pretrained.py:256_cfg1.5 \
         --from_diffusers=facebook/DiT-XL-2-256 --workdir=/ckpt/dit_xl2_256_pretrained \
-        --reference=/data/VIRTUAL_imagenet256_labeled.npz ``tread_jax.evaluation`` is the same evaluation
-as a library, used by the binary and by the training loop (``config.eval.every``).
+        --reference=/data/VIRTUAL_imagenet256_labeled.npz
+
+``tread_jax.evaluation`` is the same evaluation as a library, used by the binary and by the
+training loop (``config.eval.every``).
 """
 
 from __future__ import annotations
