@@ -43,28 +43,29 @@ def download(url: str, dest: str | os.PathLike) -> None:
     partial.replace(dest)
 
 
-def ensure_files(folder: Path, names: Sequence[str], url: str, sha256: Mapping[str, str | None],
-                 offline_message: Callable[[str], str]) -> Path:
-    """Returns ``folder`` once it holds every file in ``names``, downloading what is missing.
+def fetch_files(folder: str | os.PathLike, names: Sequence[str], url: str, sha256: Mapping[str, str | None],
+                unavailable: Callable[[str], str]) -> Path:
+    """Returns ``folder`` holding every file of ``names`` (paths relative to it), downloading what is missing.
 
     ``url`` is a template with ``{file}`` (tests point it at file:// URLs). Each file is checked
     against ``sha256[name]`` where a digest is given; otherwise against the digest recorded in
-    ``<file>.sha256`` at first download (trust on first use). A corrupt or mismatching file
-    raises ValueError and is never used. A file that is absent and cannot be downloaded raises
-    FileNotFoundError with ``offline_message(reason)``; HF_HUB_OFFLINE=1 fails fast that way
-    without trying the network.
+    ``<file>.sha256`` at first download (trust on first use). A corrupt or mismatching file raises
+    ValueError and is never used. A file that cannot be had raises FileNotFoundError with
+    ``unavailable(reason)``; with ``HF_HUB_OFFLINE`` set, without trying the network.
     """
+    folder = Path(folder)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     for name in names:
-        target, record = folder / name, folder / f"{name}.sha256"
+        target = folder / name
+        record = target.with_name(f"{target.name}.sha256")
         if not target.is_file():
             if offline:
-                raise FileNotFoundError(offline_message("HF_HUB_OFFLINE is set"))
-            fetched = folder / f"{name}.unverified"
+                raise FileNotFoundError(unavailable("HF_HUB_OFFLINE is set"))
+            fetched = target.with_name(f"{target.name}.unverified")
             try:
                 download(url.format(file=name), fetched)
             except (urllib.error.URLError, OSError) as e:
-                raise FileNotFoundError(offline_message(f"downloading {name} failed: {e}")) from e
+                raise FileNotFoundError(unavailable(f"downloading {name} failed: {e}")) from e
             digest = sha256_file(fetched)
             if sha256.get(name) and digest != sha256[name]:
                 fetched.unlink()

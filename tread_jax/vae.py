@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from tread_jax.cache import cache_root, ensure_files
+from tread_jax.cache import cache_root, fetch_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -423,6 +423,5 @@ def ensure_sd_vae(cache_dir: str | os.PathLike | None = None, *, url: str = SD_V
     `url` is a template with `{file}`; tests point it at file:// URLs.
     """
     folder = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / "sd-vae-ft-ema"
-    pinned = SD_VAE_SHA256 if sha256 is None else sha256
-    return ensure_files(folder, (CONFIG_FILE, WEIGHTS_FILE), url, pinned,
-                        functools.partial(_offline_message, folder))
+    return fetch_files(folder, (CONFIG_FILE, WEIGHTS_FILE), url, SD_VAE_SHA256 if sha256 is None else sha256,
+                       lambda reason: _offline_message(folder, reason))

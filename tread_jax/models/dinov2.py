@@ -18,7 +18,7 @@ bicubic ``F.interpolate`` reproduced exactly (``bicubic_resize_matrix``):
 Inputs are NHWC RGB images normalised with the ImageNet mean and std (``normalize_imagenet``).
 Weights: ``load_dinov2("dinov2-vitb14")`` reads ``config.json`` and ``model.safetensors`` of
 ``facebook/dinov2-base`` from ``$TREAD_JAX_CACHE`` (default ``~/.cache/tread_jax``), downloading
-them there on first use (checksummed; see ``tread_jax.cache.ensure_files``); a local folder with
+them there on first use (checksummed; see ``tread_jax.cache.fetch_files``); a local folder with
 those two files works too. The safetensors file is read with the numpy API: no torch at run time.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from tread_jax.cache import cache_root, ensure_files
+from tread_jax.cache import cache_root, fetch_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -371,12 +371,12 @@ def _offline_message(name: str, folder: Path, reason: str) -> str:
 def ensure_dinov2(name: str, cache_dir: str | os.PathLike | None = None, *, url: str | None = None,
                   sha256: dict[str, str | None] | None = None) -> Path:
     """Folder ``<cache>/<name>/`` holding the published files of ``name`` (a key of
-    ``DINOV2_REPOS``), downloading what is missing; see ``tread_jax.cache.ensure_files``."""
+    ``DINOV2_REPOS``), downloading what is missing; see ``tread_jax.cache.fetch_files``."""
     if name not in DINOV2_REPOS:
         raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {sorted(DINOV2_REPOS)}")
     folder = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / name
     url = HF_URL.format(repo=DINOV2_REPOS[name]) if url is None else url
-    return ensure_files(folder, (CONFIG_FILE, WEIGHTS_FILE), url,
+    return fetch_files(folder, (CONFIG_FILE, WEIGHTS_FILE), url,
                         DINOV2_SHA256 if sha256 is None else sha256,
                         functools.partial(_offline_message, name, folder))
 
