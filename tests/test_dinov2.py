@@ -5,11 +5,13 @@ are saved with ``save_pretrained`` (the published file layout) and read back by 
 """
 import hashlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from safetensors.numpy import load_file
 
 from tread_jax import cache as cache_lib
@@ -51,7 +53,7 @@ def _images(size: int, batch: int = 2, seed: int = 1) -> np.ndarray:
 
 def _reference_patch_tokens(model: torch.nn.Module, images: np.ndarray, registers: int) -> np.ndarray:
     with torch.no_grad():
-        out = model(torch.from_numpy(images).permute(0, 3, 1, 2)).last_hidden_state
+        out = model(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)).last_hidden_state
     return out[:, 1 + registers:].numpy()
 
 
@@ -198,3 +200,31 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     swiglu.write_text('{"model_type": "dinov2", "use_swiglu_ffn": true}')
     with pytest.raises(ValueError, match="only the GELU-MLP variants"):
         dinov2_lib.read_config(swiglu)
+
+
+def test_jitted_pure_form_and_bfloat16(tmp_path):
+    model, folder = _torch_model(tmp_path, 4, seed=8)
+    ours, _ = dinov2_lib.load_dinov2(folder, image_size=224)
+    images = jnp.asarray(_images(224, seed=9))
+    graphdef, params = nnx.split(ours)
+    jitted = jax.jit(dinov2_lib.features, static_argnums=0)(graphdef, params, images)
+    assert _max_rel(jitted, _reference_patch_tokens(model, np.asarray(images), 4)) <= 1e-5
+    half, _ = dinov2_lib.load_dinov2(folder, image_size=224, compute_dtype=jnp.bfloat16)
+    out = half(images)
+    assert out.dtype == jnp.bfloat16 and _max_rel(out.astype(jnp.float32), jitted) < 0.1
+
+
+@pytest.mark.parametrize("size,registers", [("B", 0), ("L", 4)])
+def test_analytic_macs_match_xla(size, registers):
+    """The published B/14 and L/14 shapes at 224, counted by XLA from the lowered program."""
+    width, depth, heads = {"B": (768, 12, 12), "L": (1024, 24, 16)}[size]
+    config = dinov2_lib.DinoV2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                                     num_register_tokens=registers)
+    graphdef, params = dinov2_lib._skeleton(config, 224, jnp.float32)
+    lowered = jax.jit(dinov2_lib.features, static_argnums=0).lower(
+        graphdef, params, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    xla = lowered.cost_analysis()["flops"] / 2
+    # XLA also counts the elementwise work (GELU, norms, softmax): about 2% more.
+    assert dinov2_lib.forward_macs(config, 224) == pytest.approx(xla, rel=0.03)
+    if size == "B":
+        assert dinov2_lib.forward_macs(config, 224) / 1e9 == pytest.approx(23.2, abs=0.05)
