@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from tread_jax import routing
-from tread_jax.models import create_model
+from tread_jax.models import create_model, model_spec
 from tread_jax.models.dit import ModernDiTBlock
 from tread_jax.models.layers import apply_rope, rms_norm, rope_angles_2d, unpatchify
 
@@ -154,3 +154,12 @@ def test_gradients_through_scan_and_remat_equal_the_plain_path():
     for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(b - a).max() <= 1e-5 * np.abs(a).max(), path
+
+
+def test_lightningdit_names_build_the_modern_block_at_dits_sizes():
+    cls, kwargs = model_spec("LightningDiT-XL/1")
+    assert kwargs == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, block="modern")
+    model = nnx.eval_shape(lambda: create_model("LightningDiT-B/2", input_size=32, in_channels=4,
+                                                num_classes=1000, rngs=nnx.Rngs(0)))
+    assert isinstance(model.blocks[0], ModernDiTBlock) and len(model.blocks) == 12
+    assert model_spec("DiT-B/2")[1] == dict(depth=12, hidden_size=768, num_heads=12, patch_size=2)
