@@ -10,10 +10,13 @@ The model is built for one input size. Its position table, published for the 37x
 518x518 inputs, is resized to that size's grid once, at load time, in numpy, with torch's
 bicubic ``F.interpolate`` reproduced exactly (``bicubic_resize_matrix``):
 
-* ``antialias=None`` (default) does what ``transformers`` does at run time: no antialiasing for
-  the plain models, antialiasing for the models with registers (as the DINOv2 hub code does);
+* ``antialias=None`` (default) does what ``transformers`` does at run time: a resize to the
+  target size, without antialiasing for the plain models and with it for the models with
+  registers. (The DINOv2 hub code's plain models instead pass a scale factor with a 0.1 offset;
+  ``bicubic_resize_matrix(scale_factor=...)`` reproduces that kernel, the loader does not use it.)
 * ``antialias=True`` is what REPA trains with: it resizes the table once with timm's
-  ``resample_abs_pos_embed`` (bicubic, antialiased) for every DINOv2 variant.
+  ``resample_abs_pos_embed`` (bicubic, antialiased) for every DINOv2 variant, and then runs at
+  that grid, so the hub code's run-time resize never happens.
 
 Inputs are NHWC RGB images normalised with the ImageNet mean and std (``normalize_imagenet``).
 Weights: ``load_dinov2("dinov2-vitb14")`` reads ``config.json`` and ``model.safetensors`` of
