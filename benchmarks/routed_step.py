@@ -51,10 +51,11 @@ MALLOPT_THEN_RUN = (
 MALLOC_MODES = ("default", "environment", "mallopt")
 
 
-def digits_setup(depth: int | None, width: int | None, heads: int | None) -> tuple[Any, ModelBuilder]:
+def digits_setup(depth: int | None, width: int | None, heads: int | None,
+                 patch: int | None = None) -> tuple[Any, ModelBuilder]:
     """The digits config (optionally resized) and its model, as the trainer builds them."""
     config = digits_config(None)
-    sizes = dict(depth=depth, hidden_size=width, num_heads=heads)
+    sizes = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
     config.model.overrides = dict(config.model.overrides, **{k: v for k, v in sizes.items() if v})
     info = data.DatasetInfo(name="digits", image_shape=(8, 8, 1), num_classes=10, num_train=0, num_test=0)
     return config, ModelBuilder(config, info)
@@ -96,7 +97,7 @@ def programs(config: Any, model: ModelBuilder, batch: dict[str, jax.Array]) -> d
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Steps/s medians of the four programs, their ratios and the FLOP ratio."""
-    config, model = digits_setup(args.depth, args.width, args.heads)
+    config, model = digits_setup(args.depth, args.width, args.heads, args.patch)
     key_images, key_labels = jax.random.split(jax.random.key(1))
     batch = {"image": jax.random.uniform(key_images, (args.batch, 8, 8, 1), minval=-1.0, maxval=1.0),
              "label": jax.random.randint(key_labels, (args.batch,), 0, 10)}
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, help="resize the digits model (tests)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--heads", type=int)
+    parser.add_argument("--patch", type=int, help="patch size (1: 64 tokens per digit instead of 16)")
     parser.add_argument("--malloc_rounds", type=int, default=0,
                         help="compare glibc malloc settings over this many rounds of subprocess runs")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
