@@ -73,11 +73,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.ema_decay = 0.995
 
     config.checkpoint_every = 1000
-    config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, guidance=1.0))
+    guidance = dict(guidance=1.0, guidance_method="cfg", guidance_sparsity=(0.75, 0.0))  # configs/common.py
+    config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, **guidance))
     # End-of-run quality report: classifier accuracy and Frechet distance of class-conditional
     # samples. num_samples 0: one sample per training digit, with its label (the floor's N and
     # class mix); the report averages `draws` fresh sets of them.
-    config.eval = ml_collections.ConfigDict(dict(report="digits", num_samples=0, draws=3, num_steps=18, guidance=1.0))
+    config.eval = ml_collections.ConfigDict(dict(report="digits", num_samples=0, draws=3, num_steps=18, **guidance))
 
     if variant == "ssm":
         config.model.name = "SSM-S/2"

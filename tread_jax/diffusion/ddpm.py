@@ -193,6 +193,7 @@ class DDPM:
         *,
         num_steps: int | None = None,
         guidance: Guidance | None = None,
+        keys: jax.Array | None = None,
     ) -> jax.Array:
         """x0 from x_T = noise over ``num_steps`` respaced steps; N network evaluations.
 
@@ -206,7 +207,7 @@ class DDPM:
         num_steps = self.num_steps if num_steps is None else num_steps
         check_sample_inputs(noise, class_labels, num_steps, minimum=2)
         channels = noise.shape[-1]
-        at = guided_net(net, guidance, guided_channels=channels)
+        at = guided_net(net, guidance, guided_channels=channels, keys=keys)  # evaluation e = step
         tables = self.schedule(num_steps)
         x = noise.astype(jnp.float32)
         bits = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1)[:, :2], jnp.int32)
@@ -215,7 +216,7 @@ class DDPM:
         def step(i: int, x: jax.Array) -> jax.Array:
             index = num_steps - 1 - i
             t = tables["timesteps"][index]
-            out = at(t)(x, jnp.broadcast_to(t, x.shape[:1]), class_labels)
+            out = at(t, i)(x, jnp.broadcast_to(t, x.shape[:1]), class_labels)
             if self.sampler == "ddim":
                 return self.ddim_step(tables, out, x, index)
             step_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)
