@@ -156,3 +156,26 @@ def test_sprint_span_on_the_ssm_backbone():
     assert np.all(np.diff(np.asarray(plan.kept[0]), axis=1) > 0)
     out = model(x, t, y, route_plan=plan)
     assert out.shape == x.shape and np.all(np.isfinite(out))
+
+
+def test_analytic_flops_count_the_fusion_and_the_skipped_span():
+    from tread_jax.models.flops import dit_forward_macs
+
+    model, plain = tiny(), tiny(sprint_span=None)
+    x, t, y = inputs(batch=1)
+
+    def xla_macs(m, plan=None):
+        graphdef, params = nnx.split(m, nnx.Param)
+        run = lambda p: nnx.merge(graphdef, p)(x, t, y, route_plan=plan)
+        return jax.jit(run).lower(params).cost_analysis()["flops"] / 2
+
+    # The fusion adds N x 2D x D MACs (XLA also counts its bias: N x D adds).
+    fusion = 16 * 2 * HIDDEN * HIDDEN
+    assert dit_forward_macs(model, 8, 8) - dit_forward_macs(plain, 8, 8) == fusion
+    assert xla_macs(model) - xla_macs(plain) == pytest.approx(fusion, rel=0.02)
+    # Skipping the span removes its blocks' matmuls (XLA also drops their elementwise work).
+    skipped = dit_forward_macs(model, 8, 8) - dit_forward_macs(model, 8, 8, skip_fused=True)
+    assert skipped > 0
+    assert xla_macs(model) - xla_macs(model, routing.path_drop_plan(16)) == pytest.approx(skipped, rel=0.1)
+    with pytest.raises(ValueError, match="needs a model with a SPRINT span"):
+        dit_forward_macs(plain, 8, 8, skip_fused=True)
