@@ -179,3 +179,23 @@ def test_analytic_flops_count_the_fusion_and_the_skipped_span():
     assert xla_macs(model) - xla_macs(model, routing.path_drop_plan(16)) == pytest.approx(skipped, rel=0.1)
     with pytest.raises(ValueError, match="needs a model with a SPRINT span"):
         dit_forward_macs(plain, 8, 8, skip_fused=True)
+
+
+def test_sprint_run_through_the_trainer_with_path_drop_grids(tmp_path):
+    """The normal trainer: a SPRINT route (structured, path drops) trains, saves, and draws its
+    grids with path-drop guidance; the fusion parameters move."""
+    import trainer_testlib as tl
+    from tread_jax import train
+
+    config = tl.tiny_config(str(tmp_path / "tfds"), **{
+        "routes": [dict(start=0, end=0, ratio=0.75, group=2, rejoin="sprint", path_drop=0.5)],
+        "sample.every": 8, "sample.per_class": 1, "sample.num_steps": 2, "sample.guidance": 2.0,
+        "sample.guidance_method": "path_drop"})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    losses = tl.logged(str(workdir))
+    assert sorted(losses) == list(range(1, 9)) and all(np.isfinite(list(losses.values())))
+    first, last = tl.load_state(str(workdir), 4), tl.load_state(str(workdir), 8)
+    fusion = lambda s: np.asarray(s["params"]["sprint_fusion"]["kernel"])
+    assert fusion(first).shape == (64, 32) and not np.allclose(fusion(first), fusion(last))
+    assert (workdir / "samples" / "step_0000008.png").exists()

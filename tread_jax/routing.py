@@ -35,7 +35,7 @@ import jax.numpy as jnp
 REJOINS = ("tread", "sprint")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Route:
     """Blocks ``start..end`` (inclusive) see only ``N - floor(N * ratio)`` of the tokens.
 
@@ -52,6 +52,12 @@ class Route:
     group: int = 0
     rejoin: str = "tread"
     path_drop: float = 0.0
+
+    def __repr__(self) -> str:
+        # A TREAD route reads as before: fields at their defaults after ``ratio`` are left out.
+        fields = [f for f in dataclasses.fields(self)
+                  if f.name in ("start", "end", "ratio") or getattr(self, f.name) != f.default]
+        return f"Route({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields)})"
 
 
 def default_route(depth: int, ratio: float = 0.5) -> Route:
