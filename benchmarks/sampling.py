@@ -20,7 +20,7 @@ model is taken from the unrolled model (the same computation).
 ``--compare_guidance`` prints, instead of sampling, the analytic FLOPs per image (matmuls,
 ``dit_forward_macs``) of the guidance methods side by side: none, classifier-free (two dense
 passes per evaluation), Sparse Guidance (a pass routed at each of ``--sparsity`` = weak,strong
-over the published TREAD placement) and SPRINT's path-drop guidance (a dense pass of the model
+over ``--route``'s blocks, default the published TREAD placement) and SPRINT's path-drop guidance (a dense pass of the model
 with a SPRINT span 2..depth-3 plus one that skips the span):
 
     python benchmarks/sampling.py --model=DiT-XL/2 --num_steps=40 --compare_guidance --sparsity=0.75,0.0
@@ -45,6 +45,7 @@ from _common import (
     matmul_peak,
     model_setup,
     peak_memory_bytes,
+    route_from_flag,
     unscanned_model,
     write_json,
 )
@@ -54,7 +55,7 @@ from tread_jax.models.flops import dit_forward_macs
 from tread_jax.sampler import Sampler
 
 FLAGS = flags.FLAGS
-define_model_flags()
+define_model_flags(route=True)
 flags.DEFINE_integer("num_steps", 40, "Heun steps N (2N - 1 network evaluations)")
 flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale; 1 = conditional only")
 flags.DEFINE_integer("reps", 5, "timed sampler calls (after the compiling first call)")
@@ -70,7 +71,7 @@ def guidance_gflops_per_image(setup: ModelSetup, evaluations: int, weak: float, 
     config = setup.config.copy_and_resolve_references()
     config.routes = ({"start": 2, "end": depth - 3, "ratio": 0.0, "rejoin": "sprint"},)
     sprint = ModelBuilder(config, setup.info).abstract_model
-    placement = routing.default_route(depth)
+    placement = route_from_flag(FLAGS.route, depth)[0]
     at = lambda ratio: dit_forward_macs(setup.abstract, height, width, (routing.Route(placement.start,
                                                                                       placement.end, ratio),))
     macs = {

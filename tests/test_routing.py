@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_testlib import randomize
 from tread_jax import routing
 from tread_jax.models import create_model
 from tread_jax.routing import Route
@@ -220,16 +221,6 @@ def tiny_dit(**kwargs):
         "DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=DEPTH, hidden_size=32,
         num_heads=2, rngs=nnx.Rngs(0), **kwargs,
     )
-
-
-def randomize(model, seed=1):
-    """DiT starts with zero adaLN and output layers; give every parameter a value."""
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
-    return model
 
 
 def plan(routes, key=0, batch=3):

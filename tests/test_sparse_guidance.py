@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import trainer_testlib as tl
+from model_testlib import randomize
 from tread_jax import data, diffusion, routing, sharding
 from tread_jax.diffusion import EDM, Flow, Guidance
 from tread_jax.model_builder import ModelBuilder
@@ -19,14 +20,8 @@ GRID = (4, 4)
 
 
 def tiny(sprint_span=None):
-    model = create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=4, hidden_size=32,
-                         num_heads=2, sprint_span=sprint_span, rngs=nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
-                                                   for p, k in zip(leaves, keys)]))
-    return model
+    return randomize(create_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, depth=4, hidden_size=32,
+                                  num_heads=2, sprint_span=sprint_span, rngs=nnx.Rngs(0)))
 
 
 def inputs(batch=3):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_testlib import randomize
 from tread_jax import routing
 from tread_jax.models import create_model
 from tread_jax.models.layers import sincos_pos_embed_2d, unpatchify
@@ -19,16 +20,6 @@ def tiny(sprint_span=SPAN, name="DiT-S/2", **kwargs):
     size = dict(num_heads=2) if name.startswith("DiT") else dict(d_state=4)
     return create_model(name, input_size=8, in_channels=1, num_classes=10, depth=DEPTH, hidden_size=HIDDEN,
                         sprint_span=sprint_span, rngs=nnx.Rngs(0), **size, **kwargs)
-
-
-def randomize(model, seed=1):
-    """DiT starts with zero adaLN and output layers; give every parameter a value."""
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
-                                                   for p, k in zip(leaves, keys)]))
-    return model
 
 
 def inputs(batch=3):
