@@ -142,6 +142,8 @@ def test_path_drop_guidance_is_cond_against_null_class_with_the_middle_skipped()
 def test_guidance_configuration_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="0 <= strong <= weak < 1"):
         sparse(0.25, 0.5)
+    with pytest.raises(ValueError, match="cannot route the fraction 0.9"):
+        Guidance(scale=2.0, sparsity=(0.9, 0.0), routes=(Route(1, 2, 0.75, group=2),), token_grid=GRID)
     with pytest.raises(ValueError, match="needs one key per sample"):
         diffusion.guided_net(tiny(), sparse(0.5, 0.0))
     with pytest.raises(ValueError, match="needs null_class"):

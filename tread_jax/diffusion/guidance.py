@@ -73,6 +73,9 @@ class Guidance:
                 raise ValueError("sparse guidance needs the routes it routes over")
             object.__setattr__(self, "sparsity", (weak, strong))
             object.__setattr__(self, "routes", tuple(self.routes))
+            for route in self.routes_at(weak) + self.routes_at(strong):
+                if route.group:  # a structured route routes whole numbers of tokens per group
+                    routing.kept_per_group(route)
         if self.path_drop and self.null_class is None:
             raise ValueError("path-drop guidance needs null_class (its base branch is the null class)")
         if (self.sparsity is not None or self.path_drop) and self.token_grid is None:
