@@ -14,7 +14,7 @@ import tempfile
 import jax
 import ml_collections
 
-from tread_jax import checkpoint, data, diffusion, models, routing, sharding, train_state
+from tread_jax import checkpoint, data, diffusion, models, pretrained, routing, sharding, train_state
 
 
 def model_settings(model_config: ml_collections.ConfigDict) -> dict:
@@ -167,7 +167,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     check_local_path(workdir, "workdir")
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
-    if init_from:
+    if init_from and not pretrained.is_diffusers_source(init_from):
         check_local_path(init_from, "init_from")
         if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
             raise FileNotFoundError(
@@ -183,5 +183,9 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
             f"{config.model.name}"
         )
+    # A diffusers DiT to start from, needed only to start: after the cheap checks, since a hub id
+    # is fetched here (gigabytes).
+    if pretrained.is_diffusers_source(init_from) and not checkpoint.saved_steps(workdir):
+        pretrained.resolve(init_from)
     check_workdir(workdir)
     return info

@@ -80,7 +80,8 @@ def timestep_embedding(
     """Sinusoidal embedding ``[cos, sin]`` of scalar noise labels, float32 ``[B, dim]``.
 
     ``freq_shift=0`` is DiT's original; diffusers' DiT port divides by ``half - 1`` instead
-    (``freq_shift=1``), which matters only when importing its weights.
+    (``freq_shift=1``): use 1 to reproduce diffusers' outputs; the hub's DiT weights were trained
+    with the original's 0.
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
