@@ -20,8 +20,9 @@ model is taken from the unrolled model (the same computation).
 ``--compare_guidance`` prints, instead of sampling, the analytic FLOPs per image (matmuls,
 ``dit_forward_macs``) of the guidance methods side by side: none, classifier-free (two dense
 passes per evaluation), Sparse Guidance (a pass routed at each of ``--sparsity`` = weak,strong
-over ``--route``'s blocks, default the published TREAD placement) and SPRINT's path-drop guidance (a dense pass of the model
-with a SPRINT span 2..depth-3 plus one that skips the span):
+over ``--route``'s blocks, default the published TREAD placement 2..depth-4) and SPRINT's
+path-drop guidance (a dense pass of the model with a SPRINT span, ``--route``'s blocks or the
+published 2..depth-3, plus one that skips the span):
 
     python benchmarks/sampling.py --model=DiT-XL/2 --num_steps=40 --compare_guidance --sparsity=0.75,0.0
 """
@@ -68,10 +69,12 @@ def guidance_gflops_per_image(setup: ModelSetup, evaluations: int, weak: float, 
     """Analytic GFLOPs (2 x MACs) per image of ``evaluations`` network evaluations per method."""
     height, width, _ = setup.info.image_shape
     depth = setup.abstract.depth
-    config = setup.config.copy_and_resolve_references()
-    config.routes = ({"start": 2, "end": depth - 3, "ratio": 0.0, "rejoin": "sprint"},)
-    sprint = ModelBuilder(config, setup.info).abstract_model
     placement = route_from_flag(FLAGS.route, depth)[0]
+    # The SPRINT span: --route's blocks, else the published 2..depth-3.
+    span = (placement.start, placement.end) if FLAGS.route else (2, depth - 3)
+    config = setup.config.copy_and_resolve_references()
+    config.routes = ({"start": span[0], "end": span[1], "ratio": 0.0, "rejoin": "sprint"},)
+    sprint = ModelBuilder(config, setup.info).abstract_model
     at = lambda ratio: dit_forward_macs(setup.abstract, height, width, (routing.Route(placement.start,
                                                                                       placement.end, ratio),))
     macs = {
@@ -92,7 +95,7 @@ def compare_guidance(setup: ModelSetup) -> None:
     print(f"{FLAGS.model} {setup.overrides} {FLAGS.input_size}x{FLAGS.input_size}x{FLAGS.in_channels}, EDM Heun "
           f"{FLAGS.num_steps} steps ({evaluations} evaluations); analytic GFLOPs per image (matmuls):")
     for name, gflops in table.items():
-        print(f"{name:>24}{gflops:12.1f}{gflops / table['cfg']:8.3f} of CFG")
+        print(f"{name:>24}{gflops:12.4g}{gflops / table['cfg']:8.3f} of CFG")
     write_json(FLAGS.json_out, {"model": FLAGS.model, "overrides": setup.overrides, "num_steps": FLAGS.num_steps,
                                 "evaluations_per_image": evaluations, "gflops_per_image": table})
 
