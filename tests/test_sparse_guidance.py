@@ -157,3 +157,16 @@ def test_guidance_configuration_errors_are_one_line(tmp_path):
     config.routes = ()
     guidance = create_guidance(config, builder, "sparse", 2.0, None, (0.5, 0.0))
     assert guidance.routes == (routing.default_route(2),) and guidance.token_grid == (4, 4)
+
+
+def test_sparse_guidance_on_a_sprint_model_routes_its_span():
+    model = tiny(sprint_span=(1, 2))
+    x, t, y = inputs()
+    g = Guidance(scale=2.0, sparsity=(0.75, 0.0), routes=(Route(1, 2, 0.75, group=2, rejoin="sprint", path_drop=0.1),),
+                 token_grid=GRID)
+    assert g.routes_at(0.75)[0].path_drop == 0.0  # path drops are for training only
+    out = diffusion.guided_net(model, g, keys=KEYS)(jnp.float32(1.0), 0)(x, t, y)
+    eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(KEYS)
+    weak_plan = routing.draw_plan_per_sample(eval_keys, g.routes_at(0.75), num_tokens=16)
+    weak = model(x, t, y, route_plan=weak_plan)
+    np.testing.assert_allclose(out, weak + 2.0 * (model(x, t, y) - weak), rtol=1e-4, atol=1e-5)
