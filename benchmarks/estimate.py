@@ -64,10 +64,10 @@ def main(argv: list[str]) -> None:
         prices[name] = float(price)
 
     size = latent_size(config.data.name)
+    routes = routing.parse_routes(config.routes)
     model = nnx.eval_shape(lambda: models.create_model(
         config.model.name, input_size=size, in_channels=latents.LATENT_CHANNELS, num_classes=1000,
-        rngs=nnx.Rngs(0), **dict(config.model.get("overrides", {}) or {})))
-    routes = routing.parse_routes(config.routes)
+        sprint_span=routing.sprint_span(routes), rngs=nnx.Rngs(0), **dict(config.model.get("overrides", {}) or {})))
     routed, dense = (dit_forward_macs(model, size, size, r) for r in (routes, ()))
     images = config.global_batch_size * config.num_train_steps
     train_flops = 3 * 2 * routed * images

@@ -16,6 +16,15 @@ model is taken from the unrolled model (the same computation).
 
     python benchmarks/sampling.py --model=DiT-S/2 --overrides=depth=6,hidden_size=128,num_heads=4 \\
         --input_size=8 --in_channels=1 --num_classes=10 --batch=64 --num_steps=18 --guidance=1.5
+
+``--compare_guidance`` prints, instead of sampling, the analytic FLOPs per image (matmuls,
+``dit_forward_macs``) of the guidance methods side by side: none, classifier-free (two dense
+passes per evaluation), Sparse Guidance (a pass routed at each of ``--sparsity`` = weak,strong
+over ``--route``'s blocks, default the published TREAD placement 2..depth-4) and SPRINT's
+path-drop guidance (a dense pass of the model with a SPRINT span, ``--route``'s blocks or the
+published 2..depth-3, plus one that skips the span):
+
+    python benchmarks/sampling.py --model=DiT-XL/2 --num_steps=40 --compare_guidance --sparsity=0.75,0.0
 """
 
 from __future__ import annotations
@@ -37,19 +46,58 @@ from _common import (
     matmul_peak,
     model_setup,
     peak_memory_bytes,
+    route_from_flag,
     unscanned_model,
     write_json,
 )
-from tread_jax import diffusion, sharding
+from tread_jax import diffusion, routing, sharding
+from tread_jax.model_builder import ModelBuilder
 from tread_jax.models.flops import dit_forward_macs
 from tread_jax.sampler import Sampler
 
 FLAGS = flags.FLAGS
-define_model_flags()
+define_model_flags(route=True)
 flags.DEFINE_integer("num_steps", 40, "Heun steps N (2N - 1 network evaluations)")
 flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale; 1 = conditional only")
 flags.DEFINE_integer("reps", 5, "timed sampler calls (after the compiling first call)")
+flags.DEFINE_bool("compare_guidance", False, "print analytic FLOPs per image of each guidance method; no sampling")
+flags.DEFINE_list("sparsity", ["0.75", "0.0"], "Sparse Guidance's weak,strong routed fractions")
 define_output_flags()
+
+
+def guidance_gflops_per_image(setup: ModelSetup, evaluations: int, weak: float, strong: float) -> dict[str, float]:
+    """Analytic GFLOPs (2 x MACs) per image of ``evaluations`` network evaluations per method."""
+    height, width, _ = setup.info.image_shape
+    depth = setup.abstract.depth
+    placement = route_from_flag(FLAGS.route, depth)[0]
+    # The SPRINT span: --route's blocks, else the published 2..depth-3.
+    span = (placement.start, placement.end) if FLAGS.route else (2, depth - 3)
+    config = setup.config.copy_and_resolve_references()
+    config.routes = ({"start": span[0], "end": span[1], "ratio": 0.0, "rejoin": "sprint"},)
+    sprint = ModelBuilder(config, setup.info).abstract_model
+    at = lambda ratio: dit_forward_macs(setup.abstract, height, width, (routing.Route(placement.start,
+                                                                                      placement.end, ratio),))
+    macs = {
+        "none": dit_forward_macs(setup.abstract, height, width),
+        "cfg": 2 * dit_forward_macs(setup.abstract, height, width),
+        f"sparse_{weak:g}_{strong:g}": at(weak) + at(strong),
+        "path_drop": dit_forward_macs(sprint, height, width) + dit_forward_macs(sprint, height, width,
+                                                                                skip_fused=True),
+    }
+    return {name: 2 * m * evaluations / 1e9 for name, m in macs.items()}
+
+
+def compare_guidance(setup: ModelSetup) -> None:
+    """``--compare_guidance``: the FLOPs table, printed and written as JSON."""
+    weak, strong = (float(v) for v in FLAGS.sparsity)
+    evaluations = 2 * FLAGS.num_steps - 1
+    table = guidance_gflops_per_image(setup, evaluations, weak, strong)
+    print(f"{FLAGS.model} {setup.overrides} {FLAGS.input_size}x{FLAGS.input_size}x{FLAGS.in_channels}, EDM Heun "
+          f"{FLAGS.num_steps} steps ({evaluations} evaluations); analytic GFLOPs per image (matmuls):")
+    for name, gflops in table.items():
+        print(f"{name:>24}{gflops:12.4g}{gflops / table['cfg']:8.3f} of CFG")
+    write_json(FLAGS.json_out, {"model": FLAGS.model, "overrides": setup.overrides, "num_steps": FLAGS.num_steps,
+                                "evaluations_per_image": evaluations, "gflops_per_image": table})
 
 
 def _sampler_evals_counted_by_xla(
@@ -81,6 +129,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.num_steps < 2 or FLAGS.reps < 1 or FLAGS.guidance < 1.0:
         raise ValueError("need --num_steps >= 2, --reps >= 1 and --guidance >= 1")
     setup = model_setup()
+    if FLAGS.compare_guidance:
+        compare_guidance(setup)
+        return
     config, model = setup.config, setup.model
     if config.diffusion.name != "edm":
         raise ValueError("this benchmark counts evaluations of the EDM Heun sampler only")

@@ -66,7 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 10_000
     config.max_to_keep = 3
     # Periodic sample grids from the EMA weights: per_class samples of every class (0 = never).
-    config.sample = ml_collections.ConfigDict(dict(every=10_000, per_class=4, num_steps=40, guidance=1.0))
+    # Guidance: scale ``guidance``; ``guidance_method`` "cfg", "sparse" (Sparse Guidance: the
+    # routed fractions ``guidance_sparsity`` = (weak, strong), both branches class-conditional) or
+    # "path_drop" (SPRINT models).
+    guidance = dict(guidance=1.0, guidance_method="cfg", guidance_sparsity=(0.75, 0.0))
+    config.sample = ml_collections.ConfigDict(dict(every=10_000, per_class=4, num_steps=40, **guidance))
     # Evaluation settings: the end-of-run report ("" = none) and the sampler it uses.
-    config.eval = ml_collections.ConfigDict(dict(report="", num_steps=40, guidance=1.0))
+    config.eval = ml_collections.ConfigDict(dict(report="", num_steps=40, **guidance))
     return config

@@ -36,6 +36,16 @@ width 128, state 16, sequential scan, the faster one on CPU) routed over blocks 
 kept tokens in scan order. Its train step takes about 4x the DiT's on this CPU
 (``python benchmarks/backbone_step.py``: SSM/DiT steps per second 0.23-0.28, measured
 alternating in one run); its quality report is not measured yet.
+
+Variant ``configs/digits.py:sprint``: SPRINT (docs/method.md) on the same blocks 1..3: one token
+of each 2x2 group runs them (ratio 0.75, 4 of 16 tokens), their output is scattered into the
+mask token and fused with block 0's output, path drop 0.1. Not measured yet. Compare guidance
+methods on a finished run with the evaluation binary, e.g.
+
+    python -m tread_jax.evaluate --config=configs/digits.py:sprint --workdir=/tmp/sprint_digits \
+        --guidance=path_drop --guidance_scale=1.5
+    python -m tread_jax.evaluate --config=configs/digits.py --workdir=/tmp/tread_digits \
+        --guidance=sparse --guidance_sparsity=0.75,0.0 --guidance_scale=1.5
 """
 
 import os
@@ -48,9 +58,9 @@ common = cli.load_config_module(os.path.join(os.path.dirname(__file__), "common.
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    """``variant``: None (DiT) or "ssm" (the text after ``:`` in ``--config``)."""
-    if variant not in (None, "", "ssm"):
-        raise ValueError(f"unknown digits variant {variant!r}; known: ssm")
+    """``variant``: None (DiT), "ssm" or "sprint" (the text after ``:`` in ``--config``)."""
+    if variant not in (None, "", "ssm", "sprint"):
+        raise ValueError(f"unknown digits variant {variant!r}; known: ssm, sprint")
     config = common.base_config()
 
     config.model.name = "DiT-S/2"  # named size, then resized by the overrides below
@@ -73,12 +83,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.ema_decay = 0.995
 
     config.checkpoint_every = 1000
-    config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, guidance=1.0))
+    guidance = dict(guidance=1.0, guidance_method="cfg", guidance_sparsity=(0.75, 0.0))  # configs/common.py
+    config.sample = ml_collections.ConfigDict(dict(every=1000, per_class=10, num_steps=18, **guidance))
     # End-of-run quality report: classifier accuracy and Frechet distance of class-conditional
     # samples. num_samples 0: one sample per training digit, with its label (the floor's N and
     # class mix); the report averages `draws` fresh sets of them.
-    config.eval = ml_collections.ConfigDict(dict(report="digits", num_samples=0, draws=3, num_steps=18, guidance=1.0))
+    config.eval = ml_collections.ConfigDict(dict(report="digits", num_samples=0, draws=3, num_steps=18, **guidance))
 
+    if variant == "sprint":
+        config.routes = (dict(start=1, end=3, ratio=0.75, group=2, rejoin="sprint", path_drop=0.1),)
     if variant == "ssm":
         config.model.name = "SSM-S/2"
         config.model.overrides = dict(depth=6, hidden_size=128, d_state=16, scan_method="sequential")

@@ -17,6 +17,28 @@ routed run's checkpoint with routing off:
     python -m tread_jax.main --config=configs/imagenet256.py:dit_xl2_tread_ft \\
         --config.init_from=/ckpt/dit_xl2_tread --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread_ft
 
+SPRINT (Park et al., arXiv 2510.21986) variants ``sit_b2_sprint``, ``sit_xl2_sprint`` (and any
+``<model>_sprint``): blocks 0-1 dense, blocks 2..depth-3 on 25% of the tokens (one per 2x2 group,
+``Route(group=2)``), their output scattered into a learned mask token and fused with the dense
+output of block 1 by a Linear(2D -> D), the last 2 blocks dense; each sample's whole sparse path is
+dropped with probability 0.1 (what path-drop guidance's weak branch uses). Then ``_sprint_ft``, the
+published full-token fine-tune (mask ratio 0, path drops kept; 200K steps at batch 1024, lr 2e-4,
+gradient clipping 1.0 as the published ``SIT_XL_SPRINT_256_ft.yaml``):
+
+    python -m tread_jax.main --config=configs/imagenet256.py:sit_xl2_sprint \
+        --config.data.data_dir=/data/tfds --workdir=/ckpt/sit_xl2_sprint
+    python -m tread_jax.main --config=configs/imagenet256.py:sit_xl2_sprint_ft \
+        --config.init_from=/ckpt/sit_xl2_sprint --config.data.data_dir=/data/tfds --workdir=/ckpt/sit_xl2_sprint_ft
+    python -m tread_jax.evaluate --config=configs/imagenet256.py:sit_xl2_sprint_ft \
+        --workdir=/ckpt/sit_xl2_sprint_ft --num_samples=50000 --guidance=path_drop --guidance_scale=3.0
+
+Expected (from the paper, not measured here; its SiT-XL/2 uses SwiGLU and RMS-normed q/k, our
+blocks are DiT's): SiT-XL/2, 400 epochs then the fine-tune, FID-50K 1.96 with classifier-free
+guidance and 1.62 with path-drop guidance (the published sampler: SDE, 250 steps, scale 3.0),
+at 47% of the dense model's training FLOPs. Training: 2M steps at batch 256 (the published
+``max_train_steps``), gradient clipping 1.0. ``benchmarks/sampling.py --flops`` counts the
+FLOPs per image of each guidance method.
+
 DiT = EDM objective (as the published TREAD code); SiT = the same network with the flow
 objective; SSM = the Mamba-style backbone (SSM-B/2, 112.6M parameters, 19 blocks; the paper's
 111M Mamba) with the EDM objective and routing that keeps the kept tokens in scan order. Training as
@@ -71,34 +93,51 @@ MODELS = {
 DEFAULT_VARIANT = "dit_xl2_tread"
 TRAIN_STEPS = 400_000
 FINETUNE_STEPS = 100_000
+# SPRINT's published schedule (SIT_XL_SPRINT_256.yaml and _ft.yaml).
+SPRINT_TRAIN_STEPS = 2_000_000
+SPRINT_FINETUNE_STEPS = 200_000
+SPRINT_FINETUNE_BATCH = 1024
+SPRINT_FINETUNE_LR = 2e-4
 # DiT's showcase classes (macaw, golden retriever, arctic fox, otter, red panda, ...) for grids.
 GRID_CLASSES = [88, 207, 279, 360, 387, 417, 974, 979]
 
 
-def parse_variant(variant: str | None) -> tuple[str, bool, bool]:
-    """``dit_xl2_tread_ft`` -> ("dit_xl2", routed=True, finetune=True); ValueError if unknown."""
+def parse_variant(variant: str | None) -> tuple[str, str, bool]:
+    """``dit_xl2_tread_ft`` -> ("dit_xl2", "tread", finetune=True); method "" (dense), "tread" or
+    "sprint"; ValueError if unknown."""
     name = variant or DEFAULT_VARIANT
-    base, routed, finetune = name, False, False
+    base, method, finetune = name, "", False
     if base.endswith("_ft"):
         base, finetune = base[: -len("_ft")], True
-    if base.endswith("_tread"):
-        base, routed = base[: -len("_tread")], True
-    if base not in MODELS or (finetune and not routed):
-        known = ", ".join(f"{m}, {m}_tread, {m}_tread_ft" for m in MODELS)
+    for suffix in ("tread", "sprint"):
+        if base.endswith(f"_{suffix}"):
+            base, method = base[: -len(suffix) - 1], suffix
+    if base not in MODELS or (finetune and not method):
+        known = ", ".join(f"{m}, {m}_tread[_ft], {m}_sprint[_ft]" for m in MODELS)
         raise ValueError(f"unknown ImageNet variant {name!r}; known: {known}")
-    return base, routed, finetune
+    return base, method, finetune
+
+
+def sprint_route(depth: int, finetune: bool) -> dict:
+    """SPRINT's published route: blocks 2..depth-3 keep one token per 2x2 group (ratio 0.75; 0 in
+    the fine-tune), fused back by mask token + Linear; path drop 0.1 (``cfg_mask_prob``)."""
+    return dict(start=2, end=depth - 3, ratio=0.0 if finetune else 0.75, group=2, rejoin="sprint", path_drop=0.1)
 
 
 def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     """The config of ``variant`` on ImageNet latents at ``resolution`` (256 or 512)."""
-    base, routed, finetune = parse_variant(variant)
+    base, method, finetune = parse_variant(variant)
     model_name, objective = MODELS[base]
     depth = models.model_spec(model_name)[1]["depth"]
 
     config = common.base_config()
     config.model.name = model_name
-    # The fine-tune trains the routed run's weights densely.
-    config.routes = (dataclasses.asdict(routing.default_route(depth)),) if routed and not finetune else ()
+    # The TREAD fine-tune trains the routed run's weights densely; SPRINT's keeps its fused span.
+    config.routes = ()
+    if method == "tread" and not finetune:
+        config.routes = (dataclasses.asdict(routing.default_route(depth)),)
+    elif method == "sprint":
+        config.routes = (sprint_route(depth, finetune),)
     config.diffusion = diffusion.default_config(objective)
 
     config.data.name = latents.dataset_name(resolution)
@@ -110,6 +149,12 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     config.data.vae = "stabilityai/sd-vae-ft-ema"  # decodes sample grids and evaluation samples
 
     config.num_train_steps = TRAIN_STEPS + (FINETUNE_STEPS if finetune else 0)
+    if method == "sprint":
+        config.optim.grad_clip = 1.0
+        config.num_train_steps = SPRINT_TRAIN_STEPS + (SPRINT_FINETUNE_STEPS if finetune else 0)
+        if finetune:
+            config.global_batch_size = SPRINT_FINETUNE_BATCH
+            config.optim.learning_rate = SPRINT_FINETUNE_LR
     # Fine-tune: the routed run's workdir, whose latest checkpoint starts this run ("" = none).
     config.init_from = ""
 

@@ -64,7 +64,8 @@ def test_train_step(tmp_path):
     result = _run_json(
         tmp_path, "train_step.py", *TINY_DIT, "--route=0,1,0.5", "--steps=2", "--matmul_size=128"
     )
-    assert result["params"] > 0 and result["route"] == [{"start": 0, "end": 1, "ratio": 0.5}]
+    assert result["params"] > 0 and result["route"] == [
+        {"start": 0, "end": 1, "ratio": 0.5, "group": 0, "rejoin": "tread", "path_drop": 0.0}]
     for variant in result["variants"].values():
         assert _positive(
             variant["compile_s"], variant["step_s_median"], variant["images_per_s"],
@@ -84,7 +85,8 @@ def test_compile_time(tmp_path):
     assert _positive(routed["trace_s"], routed["lower_s"], routed["compile_s"], routed["step_tflops_xla"])
     assert routed["total_s"] == pytest.approx(routed["trace_s"] + routed["lower_s"] + routed["compile_s"])
     assert result["depth"] == 2 and result["params"] > 0
-    assert result["route"] == [{"start": 0, "end": 1, "ratio": 0.5}]
+    assert result["route"] == [
+        {"start": 0, "end": 1, "ratio": 0.5, "group": 0, "rejoin": "tread", "path_drop": 0.0}]
 
 
 def test_sampling_guided(tmp_path):
@@ -104,6 +106,19 @@ def test_sampling_guided(tmp_path):
         result["mfu_xla"], result["mfu_analytic"],
     )
     assert result["images_per_s"] == pytest.approx(result["batch"] / result["batch_s_median"])
+
+
+def test_sampling_compare_guidance(tmp_path):
+    steps = 3
+    # Depth 6: the published placements (TREAD 2..depth-4, SPRINT 2..depth-3) need 6 blocks.
+    result = _run_json(tmp_path, "sampling.py", *TINY_DIT, "--overrides=depth=6,hidden_size=32,num_heads=2",
+                       f"--num_steps={steps}", "--compare_guidance", "--sparsity=0.5,0.0")
+    table = result["gflops_per_image"]
+    assert result["evaluations_per_image"] == 2 * steps - 1
+    assert table["cfg"] == pytest.approx(2 * table["none"])
+    # Strong 0 is the dense pass; the weak one routes half the tokens of blocks 2..depth-4.
+    assert table["none"] < table["sparse_0.5_0"] < table["cfg"]
+    assert table["none"] < table["path_drop"] < table["cfg"]
 
 
 def test_evaluation(tmp_path):

@@ -1,4 +1,5 @@
-"""A tiny DiT overfits one fixed batch under the EDM loss, dense and with a TREAD route.
+"""A tiny DiT overfits one fixed batch under the EDM loss: dense, with a TREAD route (random or
+structured selection) and with a SPRINT route (mask token + fusion).
 
 The loss uses one fixed key, so the noise levels and the noise are the same every step and
 the loss can fall towards zero; the routing key changes every step, as in training, so the
@@ -21,7 +22,7 @@ from tread_jax.routing import Route
 STEPS = 80
 
 
-def _build() -> nnx.Module:
+def _build(sprint_span: tuple[int, int] | None = None) -> nnx.Module:
     return create_model(
         "DiT-S/2",
         input_size=8,
@@ -30,15 +31,21 @@ def _build() -> nnx.Module:
         depth=3,
         hidden_size=32,
         num_heads=2,
+        sprint_span=sprint_span,
         rngs=nnx.Rngs(0),
     )
 
 
-@pytest.mark.parametrize("routes", [(), (Route(1, 1, 0.5),)], ids=["dense", "routed"])
+@pytest.mark.parametrize(
+    "routes",
+    [(), (Route(1, 1, 0.5),), (Route(1, 1, 0.75, group=2),), (Route(1, 1, 0.75, group=2, rejoin="sprint"),)],
+    ids=["dense", "routed", "structured", "sprint"],
+)
 def test_tiny_dit_overfits_one_batch(routes):
-    graphdef, _ = nnx.split(nnx.eval_shape(_build), nnx.Param)
+    build = lambda: _build(routing.sprint_span(routes))
+    graphdef, _ = nnx.split(nnx.eval_shape(build), nnx.Param)
     # DiT's real initialisation, compiled once rather than dispatched op by op.
-    params = jax.jit(lambda: nnx.split(_build(), nnx.Param)[1])()
+    params = jax.jit(lambda: nnx.split(build(), nnx.Param)[1])()
     objective = diffusion.create_objective(diffusion.default_config("edm"))
     tx = optax.adam(2e-3)
 

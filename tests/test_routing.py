@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_testlib import randomize
 from tread_jax import routing
 from tread_jax.models import create_model
 from tread_jax.routing import Route
@@ -222,16 +223,6 @@ def tiny_dit(**kwargs):
     )
 
 
-def randomize(model, seed=1):
-    """DiT starts with zero adaLN and output layers; give every parameter a value."""
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
-    return model
-
-
 def plan(routes, key=0, batch=3):
     return routing.draw_plan(jax.random.key(key), routes, batch_size=batch, num_tokens=16)
 
@@ -287,3 +278,89 @@ def test_block_after_route_runs_in_float32_under_bfloat16():
     f32_matmul = f"f32[3,16,{hidden}] "
     assert jaxpr.count("dot_general") == jaxpr_off.count("dot_general")
     assert jaxpr.count(f32_matmul) > jaxpr_off.count(f32_matmul)
+
+
+# Structured (SPRINT) selection: every g x g cell of the token grid keeps g*g*(1 - ratio) tokens.
+
+def cell_of(idx, width, group):
+    """Cell number of raster token indices on a grid of ``width`` columns."""
+    return (idx // width // group) * (width // group) + (idx % width) // group
+
+
+@pytest.mark.parametrize("grid,group,ratio,per_cell", [((4, 4), 2, 0.75, 1), ((8, 8), 4, 0.875, 2),
+                                                      ((8, 8), 4, 0.625, 6), ((4, 6), 2, 0.5, 2)])
+def test_structured_mask_keeps_the_stated_count_in_every_cell(grid, group, ratio, per_cell):
+    idx = np.asarray(routing.select_group_tokens(jax.random.key(0), 64, grid, group, ratio))
+    cells = (grid[0] // group) * (grid[1] // group)
+    assert idx.shape == (64, cells * per_cell) and idx.shape[1] == routing.num_kept(grid[0] * grid[1], ratio)
+    for row in idx:
+        assert len(set(row.tolist())) == len(row)
+        np.testing.assert_array_equal(np.bincount(cell_of(row, grid[1], group), minlength=cells), per_cell)
+
+
+@pytest.mark.parametrize("grid,group,ratio", [((4, 4), 2, 0.75), ((8, 8), 4, 0.875)])
+def test_structured_mask_keeps_every_position_equally_often(grid, group, ratio):
+    # Each position is kept with probability p = 1 - ratio; with n draws its count is
+    # Binomial(n, p). A 5-sigma band per position fails by chance with probability < 1e-5 in all.
+    n = 4000
+    idx = np.asarray(routing.select_group_tokens(jax.random.key(1), n, grid, group, ratio))
+    counts = np.bincount(idx.ravel(), minlength=grid[0] * grid[1])
+    p = 1.0 - ratio
+    assert np.all(np.abs(counts - n * p) <= 5 * math.sqrt(n * p * (1 - p))), counts
+
+
+def test_structured_mask_draws_each_sample_independently():
+    # Cell 0 of a 4x4 grid, 2x2 groups keeping 1: two independent samples keep the same position
+    # with probability 1/4 (1 if they shared the draw).
+    n = 4000
+    idx = np.asarray(routing.select_group_tokens(jax.random.key(2), 2 * n, (4, 4), 2, 0.75)).reshape(n, 2, 4)
+    same = np.mean(idx[:, 0, 0] == idx[:, 1, 0])
+    assert abs(same - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / n), same
+    ordered = np.asarray(routing.select_group_tokens(jax.random.key(2), 8, (4, 4), 2, 0.75, keep_order=True))
+    unordered = np.asarray(routing.select_group_tokens(jax.random.key(2), 8, (4, 4), 2, 0.75))
+    np.testing.assert_array_equal(np.sort(unordered, axis=1), ordered)
+
+
+def test_structured_route_in_a_plan_and_per_sample_keys():
+    route = Route(1, 3, 0.75, group=2)
+    plan_ = routing.draw_plan(jax.random.key(0), (route,), batch_size=5, num_tokens=16)
+    assert plan_.kept[0].shape == (5, 4)
+    keys = jax.random.split(jax.random.key(3), 4)
+    four = routing.draw_plan_per_sample(keys, (route, Route(4, 4, 0.5)), num_tokens=16)
+    two = routing.draw_plan_per_sample(keys[2:], (route, Route(4, 4, 0.5)), num_tokens=16)
+    for a, b in zip(four.kept, two.kept):  # sample i's tokens depend on its own key alone
+        np.testing.assert_array_equal(np.asarray(a)[2:], b)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: routing.select_group_tokens(jax.random.key(0), 2, (4, 6), 4, 0.75), "does not tile the 4x6"),
+        (lambda: routing.validate_routes((Route(1, 2, 0.6, group=2),), DEPTH), "not a whole number"),
+        (lambda: routing.validate_routes((Route(1, 2, 0.5, group=-1),), DEPTH), "group must be"),
+        (lambda: routing.draw_plan(jax.random.key(0), (Route(1, 2, 0.75, group=2),), batch_size=1,
+                                   num_tokens=12), "not a square grid"),
+        (lambda: routing.validate_routes((Route(1, 2, rejoin="x"),), DEPTH), "rejoin must be"),
+        (lambda: routing.validate_routes((Route(1, 2, path_drop=0.1),), DEPTH), "SPRINT routes only"),
+        (lambda: routing.validate_routes((Route(0, 1, rejoin="sprint"), Route(3, 4, rejoin="sprint")), DEPTH),
+         "at most one SPRINT"),
+        (lambda: routing.parse_routes([dict(start=1, end=2, policy="group")]), "unknown route fields"),
+    ],
+)
+def test_bad_structured_or_sprint_routes_raise_one_line(call, message):
+    with pytest.raises(ValueError, match=message) as error:
+        call()
+    assert "\n" not in str(error.value)
+
+
+def test_parse_routes_reads_selection_and_rejoin():
+    spec = [dict(start=2, end=8, ratio=0.75, group=2, rejoin="sprint", path_drop=0.1)]
+    assert routing.parse_routes(spec) == (Route(2, 8, 0.75, 2, "sprint", 0.1),)
+
+
+def test_structured_route_trains_a_tread_model():
+    model = randomize(tiny_dit())
+    x, t, y = model_inputs()
+    routed = model(x, t, y, route_plan=plan((Route(1, 3, 0.75, group=2),)))
+    assert routed.shape == x.shape and np.all(np.isfinite(routed))
+    assert not np.allclose(routed, model(x, t, y))

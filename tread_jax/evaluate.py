@@ -59,6 +59,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_steps", None, "Sampling steps (default: config.eval.num_steps).")
     flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = none).")
     flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only at noise levels in [lo, hi].")
+    flags.DEFINE_enum("guidance", None, ["cfg", "sparse", "path_drop"], "Guidance method (default: config.eval).")
+    flags.DEFINE_list("guidance_sparsity", None, "weak,strong routed fractions for --guidance=sparse.")
     flags.DEFINE_string("reference", None, "ADM reference .npz (images and/or mu, sigma).")
     flags.DEFINE_string("output", None, "Metrics JSON (default: <workdir>/eval/<step>/<settings>/metrics.json).")
     flags.DEFINE_bool("save_npz", False, "Also write the samples as an ADM-format .npz.")
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> None:
             num_classes = workdir_lib.dataset_info(config, workdir).num_classes
         settings = evaluation.settings_from_config(
             config, num_classes, num_samples=f.num_samples, num_steps=f.num_steps,
-            guidance_scale=f.guidance_scale, guidance_interval=f.guidance_interval, sampler=f.sampler, seed=f.seed,
+            guidance_scale=f.guidance_scale, guidance_interval=f.guidance_interval, guidance_method=f.guidance,
+            guidance_sparsity=f.guidance_sparsity, sampler=f.sampler, seed=f.seed,
             per_device_batch=f.per_device_batch)
         if f.reference and not os.path.isfile(f.reference):
             raise FileNotFoundError(f"reference batch not found: {f.reference}")

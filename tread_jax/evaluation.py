@@ -37,6 +37,8 @@ class EvalSettings:
     num_steps: int
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] | None = None
+    guidance_method: str = "cfg"  # sampler.GUIDANCE_METHODS
+    guidance_sparsity: tuple[float, float] = (0.75, 0.0)  # sparse guidance: (weak, strong) routed fractions
     sampler: str | None = None  # None: the config's
     seed: int = 0
     per_device_batch: int = 32
@@ -46,6 +48,10 @@ class EvalSettings:
         parts = [f"n{self.num_samples}", f"steps{self.num_steps}", f"cfg{self.guidance_scale:g}"]
         if self.guidance_interval:
             parts.append(f"interval{self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}")
+        if self.guidance_method == "sparse":
+            parts.append(f"sparse{self.guidance_sparsity[0]:g}-{self.guidance_sparsity[1]:g}")
+        elif self.guidance_method != "cfg":
+            parts.append(self.guidance_method)
         if self.sampler:
             parts.append(self.sampler)
         return "_".join([*parts, f"seed{self.seed}"])
@@ -63,6 +69,8 @@ def settings_from_config(config: ml_collections.ConfigDict, num_classes: int, **
         num_steps=ev.get("num_steps", 40),
         guidance_scale=float(ev.get("guidance", 1.0)),
         guidance_interval=tuple(ev.get("guidance_interval", None) or ()) or None,
+        guidance_method=ev.get("guidance_method", "cfg"),
+        guidance_sparsity=tuple(ev.get("guidance_sparsity", (0.75, 0.0))),
         sampler=None,
         seed=config.seed,
         per_device_batch=ev.get("per_device_batch", 32),
@@ -73,6 +81,10 @@ def settings_from_config(config: ml_collections.ConfigDict, num_classes: int, **
         if len(interval) != 2:
             raise ValueError(f"guidance_interval needs two numbers lo,hi; got {interval}")
         values["guidance_interval"] = interval
+    sparsity = tuple(float(v) for v in values["guidance_sparsity"])
+    if len(sparsity) != 2:
+        raise ValueError(f"guidance_sparsity needs two numbers weak,strong; got {sparsity}")
+    values["guidance_sparsity"] = sparsity
     settings = EvalSettings(**values)
     if settings.num_samples < 1 or settings.per_device_batch < 1:
         raise ValueError(f"num_samples and per_device_batch must be positive: {settings}")
@@ -166,7 +178,8 @@ class Evaluation:
         self.sampler = Sampler(config, model, mesh, param_shardings, num_steps=settings.num_steps,
                                guidance_scale=settings.guidance_scale,
                                guidance_interval=settings.guidance_interval, sampler=settings.sampler,
-                               name=name)
+                               guidance_method=settings.guidance_method,
+                               guidance_sparsity=settings.guidance_sparsity, name=name)
 
     def score(self, params: Any, labels: np.ndarray, seed: int, *, description: str,
               progress_path: str | None = None, fingerprint: dict[str, Any] | None = None,

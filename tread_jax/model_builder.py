@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tread_jax import checkpoint, data, diffusion, models, pretrained, sharding, workdir as workdir_lib
+from tread_jax import checkpoint, data, diffusion, models, pretrained, routing, sharding, workdir as workdir_lib
 
 
 class ModelBuilder:
@@ -41,6 +41,8 @@ class ModelBuilder:
                 compute_dtype=jnp.dtype(config.model.compute_dtype),
                 scan_blocks=config.model.get("scan_blocks", False),
                 remat=config.model.get("remat", "none"),
+                # A SPRINT route is architecture: its span's fusion layer runs in every forward.
+                sprint_span=routing.sprint_span(routing.parse_routes(config.get("routes", ()))),
                 rngs=rngs,
                 **overrides,
             )

@@ -115,10 +115,11 @@ def config_routes(config: ml_collections.ConfigDict) -> tuple[routing.Route, ...
     """The config's routes, validated against the model's depth; ValueError naming the problem."""
     try:
         routes = routing.parse_routes(config.routes)
-    except (TypeError, ValueError, KeyError, IndexError):
+    except (TypeError, ValueError, KeyError, IndexError) as error:
         raise ValueError(
-            f"routes {config.routes!r} do not parse: expected a tuple of routes, each "
-            "{'start': S, 'end': E, 'ratio': R} or (S, E, R), e.g. '((2, 8, 0.5),)'; () = dense"
+            f"routes {config.routes!r} do not parse ({error}): expected a tuple of routes, each "
+            "{'start': S, 'end': E, 'ratio': R[, 'group': G, 'rejoin': 'sprint', 'path_drop': P]} or "
+            "(S, E, R), e.g. '((2, 8, 0.5),)'; () = dense"
         ) from None
     return routing.validate_routes(routes, model_settings(config.model)["depth"])
 

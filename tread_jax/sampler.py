@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tread_jax import data, diffusion, runtime, sharding
+from tread_jax import data, diffusion, routing, runtime, sharding
 from tread_jax.metrics import evaluator
 from tread_jax.model_builder import EmaWeights, ModelBuilder
 
@@ -33,26 +33,54 @@ def create_objective(config: ml_collections.ConfigDict, sampler: str | None = No
     return diffusion.create_objective(ml_collections.ConfigDict(settings))
 
 
+GUIDANCE_METHODS = ("cfg", "sparse", "path_drop")
+
+
+def create_guidance(config: ml_collections.ConfigDict, model: ModelBuilder, method: str, scale: float,
+                    interval: tuple[float, float] | None, sparsity: tuple[float, float]) -> diffusion.Guidance | None:
+    """The guidance ``method`` names: "cfg" (classifier-free), "sparse" (Sparse Guidance: routed
+    fractions ``sparsity = (weak, strong)`` over the config's routes, or the published placement
+    ``routing.default_route`` for a model trained densely) or "path_drop" (SPRINT models)."""
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; known: {', '.join(GUIDANCE_METHODS)}")
+    abstract = model.abstract_model
+    grid = (model.image_shape[0] // model.patch_size, model.image_shape[1] // model.patch_size)
+    if method == "sparse":
+        routes = routing.parse_routes(config.get("routes", ())) or (routing.default_route(abstract.depth),)
+        return diffusion.Guidance(scale=scale, interval=interval, sparsity=tuple(sparsity), routes=routes,
+                                  token_grid=grid, keep_order=abstract.keep_order)
+    if method == "path_drop":
+        if abstract.sprint_span is None:
+            raise ValueError("path-drop guidance needs a SPRINT model (a route with rejoin='sprint')")
+        return diffusion.Guidance(scale=scale, interval=interval, null_class=model.num_classes, path_drop=True,
+                                  token_grid=grid, keep_order=abstract.keep_order)
+    if scale != 1.0 or interval:
+        return diffusion.Guidance(scale=scale, interval=interval, null_class=model.num_classes)
+    return None
+
+
 class Sampler:
     """``images(params, labels, indices, seed)`` on device, ``sample(...)`` as numpy on the host.
 
-    Dense (routing is for training only), ``num_steps`` sampler steps, classifier-free guidance
-    with ``guidance_scale`` (1 = none) optionally only inside ``guidance_interval``. ``name``
-    names the compiled programs for the multi-process compile barrier: unique per Sampler.
+    ``num_steps`` sampler steps, guided by ``guidance_method`` (``create_guidance``) with
+    ``guidance_scale`` (1 = none) optionally only inside ``guidance_interval``. Dense unless
+    the guidance routes on purpose (sparse guidance); sample ``i``'s token draws, like its
+    noise, depend on the seed and ``i`` alone (``fold_in(fold_in(key(seed), i), 1)``, then the
+    network evaluation's index). ``name`` names the compiled programs for the multi-process
+    compile barrier: unique per Sampler.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, model: ModelBuilder, mesh: jax.sharding.Mesh,
                  param_shardings: Any, *, num_steps: int, guidance_scale: float = 1.0,
                  guidance_interval: tuple[float, float] | None = None, sampler: str | None = None,
+                 guidance_method: str = "cfg", guidance_sparsity: tuple[float, float] = (0.75, 0.0),
                  name: str):
         self.model = model
         self.mesh = mesh
         self.name = name
         objective = create_objective(config, sampler)
-        guidance = None
-        if guidance_scale != 1.0 or guidance_interval:
-            guidance = diffusion.Guidance(scale=guidance_scale, interval=guidance_interval,
-                                          null_class=model.num_classes)
+        guidance = create_guidance(config, model, guidance_method, guidance_scale, guidance_interval,
+                                   guidance_sparsity)
         decode, decoder_params = data.pixel_decoder(config.data)
         replicated = sharding.replicated(mesh)
         self._decoder_params = jax.device_put(decoder_params, replicated)
@@ -65,7 +93,9 @@ class Sampler:
             base_key = jax.random.key(seed)
             keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
             noise = jax.vmap(lambda k: jax.random.normal(k, model.image_shape))(keys)
-            x = objective.sample(model.bind(params), noise, labels, num_steps=num_steps, guidance=guidance)
+            token_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            x = objective.sample(model.bind(params), noise, labels, num_steps=num_steps, guidance=guidance,
+                                 keys=token_keys)
             if decode is not None:
                 x = decode(decoder_params, x)
             return jnp.clip(x, -1.0, 1.0)

@@ -133,7 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         grid_sampler = None
         if sample_cfg.every:
             grid_sampler = Sampler(config, model, mesh, state_sharding.ema_params, num_steps=sample_cfg.num_steps,
-                                   guidance_scale=sample_cfg.guidance, name="grids")
+                                   guidance_scale=sample_cfg.guidance,
+                                   guidance_method=sample_cfg.get("guidance_method", "cfg"),
+                                   guidance_sparsity=tuple(sample_cfg.get("guidance_sparsity", (0.75, 0.0))),
+                                   name="grids")
         evaluations = TrainingEvaluator(config, workdir, model=model, mesh=mesh,
                                         param_shardings=state_sharding.ema_params)
         total = config.num_train_steps

@@ -38,8 +38,10 @@ class Objective(Protocol):
         *,
         num_steps: int | None = None,
         guidance: Guidance | None = None,
+        keys: jax.Array | None = None,
     ) -> jax.Array:
-        """x0 from standard-normal noise (any scaling of the noise happens inside)."""
+        """x0 from standard-normal noise (any scaling of the noise happens inside); ``keys``: one
+        per sample, for guidance that draws tokens (sparse guidance)."""
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:

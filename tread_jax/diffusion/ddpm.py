@@ -199,6 +199,7 @@ class DDPM:
         *,
         num_steps: int | None = None,
         guidance: Guidance | None = None,
+        keys: jax.Array | None = None,
     ) -> jax.Array:
         """x0 from x_T = noise over ``num_steps`` respaced steps; N network evaluations.
 
@@ -215,7 +216,8 @@ class DDPM:
         channels = noise.shape[-1]
         if self.guided_channels > channels:
             raise ValueError(f"ddpm guided_channels {self.guided_channels} exceeds the data's {channels} channels")
-        at = guided_net(net, guidance, guided_channels=self.guided_channels or channels)
+        # Evaluation e = step (sparse guidance's token draws).
+        at = guided_net(net, guidance, guided_channels=self.guided_channels or channels, keys=keys)
         tables = self.schedule(num_steps)
         x = noise.astype(jnp.float32)
         bits = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1)[:, :2], jnp.int32)
@@ -224,7 +226,7 @@ class DDPM:
         def step(i: int, x: jax.Array) -> jax.Array:
             index = num_steps - 1 - i
             t = tables["timesteps"][index]
-            out = at(t)(x, jnp.broadcast_to(t, x.shape[:1]), class_labels)
+            out = at(t, i)(x, jnp.broadcast_to(t, x.shape[:1]), class_labels)
             if self.sampler == "ddim":
                 return self.ddim_step(tables, out, x, index)
             step_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)

@@ -84,29 +84,31 @@ class EDM:
         *,
         num_steps: int | None = None,
         guidance: Guidance | None = None,
+        keys: jax.Array | None = None,
     ) -> jax.Array:
         """Deterministic Heun (EDM Algorithm 1 without churn): N steps, 2N - 1 network evaluations.
 
         ``noise`` is standard normal; the start x = sigma_max * noise is taken here. Every step is
         Heun except the last, from sigma_min to 0, which is Euler (and reduces to D(x, sigma_min)).
         One fori_loop, so the whole sampler jits as one program; all ops are elementwise over the
-        batch and the noise level is a scalar, so a batch-sharded input stays sharded.
+        batch and the noise level is a scalar, so a batch-sharded input stays sharded. ``keys``:
+        one per sample, for guidance that draws tokens (evaluation e = 2 step + stage).
         """
         num_steps = self.num_steps if num_steps is None else num_steps
         check_sample_inputs(noise, class_labels, num_steps, minimum=2)
-        at = guided_net(net, guidance)
+        at = guided_net(net, guidance, keys=keys)
         sigmas = jnp.asarray(self.time_steps(num_steps), jnp.float32)
 
-        def slope(x: jax.Array, sigma: jax.Array) -> jax.Array:
-            return (x - self.denoise(at(sigma), x, sigma, class_labels)) / sigma
+        def slope(x: jax.Array, sigma: jax.Array, evaluation: jax.Array) -> jax.Array:
+            return (x - self.denoise(at(sigma, evaluation), x, sigma, class_labels)) / sigma
 
         def heun_step(i: int, x: jax.Array) -> jax.Array:
             cur, nxt = sigmas[i], sigmas[i + 1]
-            d_cur = slope(x, cur)
+            d_cur = slope(x, cur, 2 * i)
             x_euler = x + (nxt - cur) * d_cur
-            return x + (nxt - cur) * 0.5 * (d_cur + slope(x_euler, nxt))
+            return x + (nxt - cur) * 0.5 * (d_cur + slope(x_euler, nxt, 2 * i + 1))
 
         x = noise.astype(jnp.float32) * self.sigma_max
         x = jax.lax.fori_loop(0, num_steps - 1, heun_step, x)
         last = sigmas[num_steps - 1]
-        return self.denoise(at(last), x, last, class_labels)
+        return self.denoise(at(last, 2 * (num_steps - 1)), x, last, class_labels)

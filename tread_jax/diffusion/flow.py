@@ -60,26 +60,28 @@ class Flow:
         *,
         num_steps: int | None = None,
         guidance: Guidance | None = None,
+        keys: jax.Array | None = None,
     ) -> jax.Array:
         """Integrate dz/dt = v from t=1 (z = noise, no scaling) to t=0 on a uniform grid.
 
         Euler: N evaluations. Heun: 2N evaluations (every step corrected, including the last:
         v is finite at t=0, unlike EDM's slope at sigma=0). One fori_loop; see EDM.sample.
+        ``keys``: one per sample, for guidance that draws tokens (evaluation e = 2 step + stage).
         """
         num_steps = self.num_steps if num_steps is None else num_steps
         check_sample_inputs(noise, class_labels, num_steps, minimum=1)
-        at = guided_net(net, guidance)
+        at = guided_net(net, guidance, keys=keys)
         ts = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32)
 
-        def v(z: jax.Array, t: jax.Array) -> jax.Array:
-            return self.velocity(at(t), z, t, class_labels)
+        def v(z: jax.Array, t: jax.Array, evaluation: jax.Array) -> jax.Array:
+            return self.velocity(at(t, evaluation), z, t, class_labels)
 
         def step(i: int, z: jax.Array) -> jax.Array:
             cur, nxt = ts[i], ts[i + 1]
-            v_cur = v(z, cur)
+            v_cur = v(z, cur, 2 * i)
             z_euler = z + (nxt - cur) * v_cur
             if self.sampler == "euler":
                 return z_euler
-            return z + (nxt - cur) * 0.5 * (v_cur + v(z_euler, nxt))
+            return z + (nxt - cur) * 0.5 * (v_cur + v(z_euler, nxt, 2 * i + 1))
 
         return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))

@@ -12,6 +12,7 @@ from tread_jax import routing
 from tread_jax.models.layers import (
     FinalLayer,
     LabelEmbedder,
+    dense,
     PatchEmbed,
     TimestepEmbedder,
     sincos_pos_embed_2d,
@@ -36,6 +37,11 @@ class Backbone(nnx.Module):
     ``noise_labels`` are whatever the objective feeds the timestep embedder (EDM: ln(sigma)/4);
     label ``num_classes`` is the null class. Routing is applied only when a ``route_plan`` is
     given (training, or sparse guidance); the forward is one loop over ``routing.stretches``.
+
+    ``sprint_span = (start, end)`` makes blocks ``start..end`` a SPRINT span (Park et al.,
+    arXiv 2510.21986; ``routing.sprint_rejoin``): the backbone then owns a learned mask token
+    ``[D]`` and the fusion ``Linear(2D -> D)``, and applies the fusion in every forward pass,
+    routed or dense. These ``2 D^2 + 2 D`` parameters are all SPRINT adds.
 
     ``scan_blocks`` runs each stretch of consecutive blocks that see the same tokens as one
     ``lax.scan`` over their parameters, stacked at call time, so the program holds one block per
@@ -64,6 +70,7 @@ class Backbone(nnx.Module):
         timestep_freq_shift: int = 0,
         scan_blocks: bool = False,
         remat: str = "none",
+        sprint_span: tuple[int, int] | None = None,
         rngs: nnx.Rngs,
     ):
         if input_size % patch_size:
@@ -87,6 +94,12 @@ class Backbone(nnx.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, rngs=rngs)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, rngs=rngs)
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, rngs=rngs)
+        self.sprint_span = None if sprint_span is None else tuple(int(b) for b in sprint_span)
+        if self.sprint_span is not None:
+            routing.validate_routes((routing.Route(*self.sprint_span, 0.0, rejoin="sprint"),), depth)
+            # As the published code: mask token ~ N(0, 0.02^2); the fusion a xavier-initialised Linear.
+            self.sprint_mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (hidden_size,)))
+            self.sprint_fusion = dense(2 * hidden_size, hidden_size, rngs=rngs)
 
     def num_tokens(self, height: int, width: int) -> int:
         """Tokens of a ``height x width`` input: the ``num_tokens`` of its route plans."""
@@ -144,17 +157,22 @@ class Backbone(nnx.Module):
         grid = (height // self.patch_size, width // self.patch_size)
         if route_plan is not None:
             num_tokens = self.num_tokens(height, width)
-            routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order)
+            routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order,
+                               fused_span=self.sprint_span)
         pos = sincos_pos_embed_2d(self.hidden_size, *grid)
         tokens = self.patch_embed(x.astype(self.compute_dtype))
         if self.absolute_positions:
             tokens = tokens + pos.astype(self.compute_dtype)
         c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
-        for stretch in routing.stretches(
-            route_plan, self.depth, self.compute_dtype, float32_rejoin=self.float32_after_route
-        ):
-            h = stretch.gather(tokens)
-            h = self.run_blocks(stretch.blocks, h, c.astype(stretch.dtype), stretch.kept, grid)
-            tokens = stretch.scatter(tokens, h)
+        fusion = None
+        if self.sprint_span is not None:
+            fusion = (self.sprint_mask_token[...], self.sprint_fusion)
+        for stretch in routing.stretches(route_plan, self.depth, self.compute_dtype,
+                                         float32_rejoin=self.float32_after_route, fused_span=self.sprint_span):
+            h = None
+            if not stretch.skip:
+                h = self.run_blocks(stretch.blocks, stretch.gather(tokens), c.astype(stretch.dtype), stretch.kept,
+                                    grid)
+            tokens = stretch.scatter(tokens, h, fusion)
         out = self.final_layer(tokens, c)
         return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)

@@ -25,11 +25,13 @@ def dit_block_macs(num_tokens: int, hidden_size: int, mlp_hidden: int) -> int:
 
 
 def dit_forward_macs(
-    model: DiT, height: int, width: int, routes: Sequence[routing.Route] = ()
+    model: DiT, height: int, width: int, routes: Sequence[routing.Route] = (), *, skip_fused: bool = False
 ) -> int:
     """MACs of one forward pass for one ``height x width`` sample, with ``routes`` applied.
 
-    ``model`` may be abstract (``nnx.eval_shape``): only its shapes are read.
+    A model with a SPRINT span adds its fusion (``N x 2D x D``); ``skip_fused`` leaves the span's
+    blocks out (path-drop guidance's weak branch). ``model`` may be abstract
+    (``nnx.eval_shape``): only its shapes are read.
     """
     p, d = model.patch_size, model.hidden_size
     n = (height // p) * (width // p)
@@ -37,9 +39,14 @@ def dit_forward_macs(
     for r in routing.active_routes(routing.validate_routes(routes, model.depth), n):
         for i in range(r.start, r.end + 1):
             tokens[i] = routing.num_kept(n, r.ratio)
+    span = getattr(model, "sprint_span", None)
+    if skip_fused and span is None:
+        raise ValueError("skip_fused needs a model with a SPRINT span")
+    run = [not (skip_fused and span[0] <= i <= span[1]) for i in range(model.depth)]
     mlp_hidden = model.blocks[0].fc1.out_features
     patch = n * model.patch_embed.proj.in_features * d
     timestep = model.t_embedder.freq_dim * d + d * d
     final = d * 2 * d + n * d * model.final_layer.proj.out_features
-    blocks = sum(dit_block_macs(k, d, mlp_hidden) for k in tokens)
-    return patch + timestep + blocks + final
+    fusion = n * 2 * d * d if span is not None else 0
+    blocks = sum(dit_block_macs(k, d, mlp_hidden) for k, r in zip(tokens, run) if r)
+    return patch + timestep + blocks + fusion + final
