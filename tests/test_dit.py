@@ -179,6 +179,14 @@ def test_routed_cost_ratio(name):
         assert xla_ratio == pytest.approx(ratio, rel=0.01)
 
 
+def test_modern_block_cost_matches_xla():
+    """The analytic count follows the modern block's SwiGLU (gate, up, down), dense and routed."""
+    model = _abstract("LightningDiT-S/2")
+    route = routing.default_route(model.depth)
+    assert dit_forward_macs(model, 32, 32) == pytest.approx(_xla_macs(model), rel=0.02)
+    assert dit_forward_macs(model, 32, 32, (route,)) == pytest.approx(_xla_macs(model, (route,)), rel=0.02)
+
+
 def _tiny(compute_dtype, **kw) -> nnx.Module:
     """A 4-block DiT whose parameters (adaLN and output ones included) are random and non-zero.
 

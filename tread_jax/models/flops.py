@@ -13,13 +13,19 @@ from tread_jax import routing
 from tread_jax.models.dit import DiT
 
 
-def dit_block_macs(num_tokens: int, hidden_size: int, mlp_hidden: int) -> int:
-    """MACs of one DiT block for one sample of ``num_tokens`` tokens."""
+def mlp_macs_per_token(block) -> int:
+    """MACs per token of a block's MLP: DiT's GELU MLP (fc1, fc2) or the modern block's SwiGLU
+    (gate, up, down)."""
+    if hasattr(block, "gate"):
+        return 3 * block.gate.in_features * block.gate.out_features
+    return 2 * block.fc1.in_features * block.fc1.out_features
+
+
+def dit_block_macs(num_tokens: int, hidden_size: int, mlp_macs: int) -> int:
+    """MACs of one DiT block for one sample of ``num_tokens`` tokens (``mlp_macs`` per token)."""
     n, d = num_tokens, hidden_size
     ada = d * 6 * d  # per sample, not per token
-    projections = n * (
-        3 * d * d + d * d + 2 * d * mlp_hidden
-    )  # qkv, attention out, MLP
+    projections = n * (3 * d * d + d * d + mlp_macs)  # qkv, attention out, MLP
     attention = 2 * n * n * d  # q @ k^T and weights @ v over all heads
     return ada + projections + attention
 
@@ -43,10 +49,10 @@ def dit_forward_macs(
     if skip_fused and span is None:
         raise ValueError("skip_fused needs a model with a SPRINT span")
     run = [not (skip_fused and span[0] <= i <= span[1]) for i in range(model.depth)]
-    mlp_hidden = model.blocks[0].fc1.out_features
+    mlp_macs = mlp_macs_per_token(model.blocks[0])
     patch = n * model.patch_embed.proj.in_features * d
     timestep = model.t_embedder.freq_dim * d + d * d
     final = d * 2 * d + n * d * model.final_layer.proj.out_features
     fusion = n * 2 * d * d if span is not None else 0
-    blocks = sum(dit_block_macs(k, d, mlp_hidden) for k, r in zip(tokens, run) if r)
+    blocks = sum(dit_block_macs(k, d, mlp_macs) for k, r in zip(tokens, run) if r)
     return patch + timestep + blocks + fusion + final
