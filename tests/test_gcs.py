@@ -1,0 +1,189 @@
+"""``gs://`` workdirs against a real Cloud Storage API server on 127.0.0.1 (``gcs_bucket`` in
+conftest.py): a run killed with SIGKILL resumes from the bucket to the state of an uninterrupted
+local run, a damaged latest step in the bucket is moved aside as it is locally, the evaluation
+binary reads the run from the bucket, two processes write one checkpoint there, and preflight
+reports a missing bucket or bad credentials in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import fsspec
+import numpy as np
+import pytest
+from etils import epath
+from tensorboard.backend.event_processing import event_accumulator
+
+import cli_testlib
+import trainer_testlib as tl
+from tread_jax import checkpoint, train
+
+STEPS = 24
+EVERY = 8
+TWO_PROCESS_STEPS = 8
+tl.enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def config(data_dir):
+    return tl.tiny_config(data_dir, num_train_steps=STEPS, checkpoint_every=EVERY, max_to_keep=10)
+
+
+@pytest.fixture(scope="module")
+def config_file(config, tmp_path_factory) -> Path:
+    return tl.write_config(config, tmp_path_factory.mktemp("config") / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory) -> str:
+    """An uninterrupted run in a local workdir, in a subprocess like the bucket runs."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    done = tl.run_main(config_file, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs_bucket, config_file, reference) -> tuple[str, subprocess.CompletedProcess]:
+    """A run in the bucket killed with SIGKILL past a checkpoint, then resumed to the end."""
+    workdir = f"{gcs_bucket}/resumed"
+    proc = subprocess.Popen(tl.main_command(config_file, workdir), cwd=tl.REPO, env=tl.subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        saved = checkpoint.saved_steps(workdir)
+        if saved and max(tl.logged(workdir), default=0) > max(saved) + 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    last_saved = max(checkpoint.saved_steps(workdir))
+    assert last_saved < STEPS and max(tl.logged(workdir)) > last_saved
+    resumed = tl.run_main(config_file, workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint step {last_saved}" in resumed.stdout
+    return workdir, resumed
+
+
+def _assert_same_state(workdir: str, reference: str, step: int) -> None:
+    jax.tree.map(np.testing.assert_array_equal, tl.load_state(workdir, step), tl.load_state(reference, step))
+
+
+def test_sigkill_in_the_bucket_resumes_bit_identically_to_a_local_run(bucket_run, reference, tmp_path):
+    workdir, _ = bucket_run
+    assert not Path("gs:").exists()  # nothing went to a local folder named after the URL
+    _assert_same_state(workdir, reference, STEPS)
+    assert tl.logged(workdir) == tl.logged(reference)  # metrics.jsonl, truncated and rewritten
+    root = epath.Path(workdir)
+    recorded = json.loads((root / "dataset.json").read_text())
+    assert recorded == json.loads((Path(reference) / "dataset.json").read_text())
+    assert (root / "parameter_overview.txt").read_text() == (Path(reference) / "parameter_overview.txt").read_text()
+    # TensorBoard's reader on a copy: the resumed run's scalars (the killed run's event file, not
+    # flushed yet when it was killed, never reached the bucket).
+    for event_file in (root / "tensorboard").iterdir():
+        event_file.copy(tmp_path / event_file.name)
+    reader = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.SCALARS: 0})
+    reader.Reload()
+    losses = {event.step: event.value for event in reader.Scalars("loss")}
+    assert max(losses) == STEPS and len(losses) >= EVERY
+    reference_losses = tl.logged(reference)
+    np.testing.assert_allclose([losses[s] for s in losses], [reference_losses[s] for s in losses], rtol=1e-6)
+
+
+# Orbax's failed read of the damaged step leaves asyncio callbacks behind that fire after their
+# loop closed; they are noise from the expected failure, not a fault of the run.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_latest_step_in_the_bucket_is_moved_aside(gcs_bucket, bucket_run, config, reference, caplog):
+    workdir = epath.Path(f"{gcs_bucket}/damaged")
+    bucket, source = fsspec.core.url_to_fs(bucket_run[0])
+    bucket.copy(f"{source}/checkpoints", f"{source.rpartition('/')[0]}/damaged/checkpoints", recursive=True)
+    # Truncate the largest array file of the newest step: a damaged but "finished" checkpoint.
+    state_files = bucket.find(fsspec.core.url_to_fs(str(workdir / "checkpoints" / str(STEPS) / "state"))[1], detail=True)
+    victim, info = max(state_files.items(), key=lambda item: item[1]["size"])
+    bucket.pipe(victim, bucket.cat(victim)[: info["size"] // 2])
+
+    with caplog.at_level("WARNING"):
+        result = train.train_and_evaluate(config, str(workdir))
+    assert any(f"checkpoint step {STEPS}" in r.getMessage() and "cannot be restored" in r.getMessage()
+               for r in caplog.records)
+    assert (workdir / "checkpoints_corrupt" / str(STEPS) / "state").exists()
+    assert min(tl.logged(str(workdir))) == STEPS - EVERY + 1  # resumed from the previous step
+    assert result["step"] == STEPS
+    _assert_same_state(str(workdir), reference, STEPS)
+
+
+def test_the_evaluation_binary_reads_the_run_from_the_bucket(bucket_run, config_file):
+    workdir, _ = bucket_run
+    done = subprocess.run(
+        [sys.executable, "-m", "tread_jax.evaluate", f"--config={config_file}", f"--workdir={workdir}",
+         "--num_samples=20", "--num_steps=2", "--per_device_batch=10"],
+        cwd=tl.REPO, env=tl.subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["step"] == STEPS and result["complete"] and result["extractor"] == "digits"
+    assert result["metrics_json"] == f"{workdir}/eval/{STEPS}/n20_steps2_cfg1_seed0/metrics.json"
+    assert json.loads(epath.Path(result["metrics_json"]).read_text())["accuracy"] == result["accuracy"]
+    assert epath.Path(result["metrics_json"]).with_name("progress.npz").exists()
+
+
+def test_two_processes_write_one_checkpoint_to_the_bucket(gcs_bucket, data_dir, reference, tmp_path):
+    config = tl.tiny_config(data_dir, num_train_steps=TWO_PROCESS_STEPS, checkpoint_every=TWO_PROCESS_STEPS,
+                            **{"mesh.data": 4, "mesh.fsdp": 2})
+    config_file = tl.write_config(config, tmp_path / "two.py")
+    workdir = f"{gcs_bucket}/two_processes"
+    port = tl.free_port()
+    env = {**tl.subprocess_env(), "JAX_NUM_CPU_DEVICES": "4"}
+    procs = [
+        subprocess.Popen(tl.main_command(config_file, workdir, f"--coordinator_address=127.0.0.1:{port}",
+                                         "--num_processes=2", f"--process_id={i}"),
+                         cwd=tl.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert checkpoint.saved_steps(workdir) == [TWO_PROCESS_STEPS]
+    step_dir = epath.Path(workdir) / "checkpoints" / str(TWO_PROCESS_STEPS)
+    iterator_files = sorted(p.name for p in (step_dir / "data").iterdir() if p.name.startswith("process_"))
+    assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    # The shards both processes wrote make up the one-device run's parameters of that step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 tl.load_state(workdir, TWO_PROCESS_STEPS)["params"],
+                 tl.load_state(reference, TWO_PROCESS_STEPS)["params"])
+
+
+def test_preflight_names_the_bucket_and_the_problem_in_one_line(gcs_bucket, data_dir, tmp_path):
+    import os  # pylint: disable=g-import-not-at-top
+
+    argv = ["tread_jax.main", f"--config={tl.DIGITS_CONFIG}", f"--config.data.data_dir={data_dir}"]
+    bad_key = tmp_path / "key.json"
+    bad_key.write_text('{"type": "authorized_user"}')  # a credentials file without its secrets
+    cases = {
+        "missing bucket": ([*argv, "--workdir=gs://no-such-bucket/run"], {},
+                           "bucket 'gs://no-such-bucket' is not writable from this machine: the bucket does not exist"),
+        "bad credentials": ([*argv, f"--workdir={gcs_bucket}/run"], {"FSSPEC_GCS_TOKEN": str(bad_key)},
+                            f"bucket '{gcs_bucket}' is not writable from this machine: no usable credentials"),
+    }
+    for name, (command, env, message) in cases.items():
+        case_dir = tmp_path / name.replace(" ", "_")
+        case_dir.mkdir()
+        found = cli_testlib.run_commands([(name, command, case_dir, "run")], {**os.environ, **tl.subprocess_env(), **env})
+        code, output, kind = found[name]
+        lines = output.strip().splitlines()
+        assert code == 1 and kind == "PermissionError", output[-2000:]
+        assert lines[-1].startswith("tread_jax: error: workdir ") and message in lines[-1], output[-2000:]
+        assert cli_testlib.PREFLIGHT_PASSED not in output and "Traceback" not in output
+        assert not (case_dir / "jax_cache").exists()  # nothing was compiled
