@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def config(data_dir):
-    return tl.tiny_config(data_dir, num_train_steps=STEPS, checkpoint_every=EVERY, max_to_keep=10)
+    return tl.tiny_config(data_dir, num_train_steps=STEPS, checkpoint_every=EVERY, max_to_keep=10, profile_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,8 @@ def test_sigkill_in_the_bucket_resumes_bit_identically_to_a_local_run(bucket_run
     recorded = json.loads((root / "dataset.json").read_text())
     assert recorded == json.loads((Path(reference) / "dataset.json").read_text())
     assert (root / "parameter_overview.txt").read_text() == (Path(reference) / "parameter_overview.txt").read_text()
+    traces = [t.stat().length for t in (root / "profile" / "plugins" / "profile").glob("*/*.xplane.pb")]
+    assert traces and all(traces), traces  # traced locally, uploaded when the trace ended
     # TensorBoard's reader on a copy: the resumed run's scalars (the killed run's event file, not
     # flushed yet when it was killed, never reached the bucket).
     for event_file in (root / "tensorboard").iterdir():

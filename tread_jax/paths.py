@@ -60,6 +60,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def upload_tree(local_directory: str, target: str) -> None:
+    """Copies a local directory's files under ``target`` (a local path or a URL)."""
+    filesystem, root = fsspec.core.url_to_fs(target)
+    filesystem.put(f"{local_directory.rstrip('/')}/", root, recursive=True)
+
+
 def move_tree(source: str, target: str) -> None:
     """Moves a directory (replacing ``target``). Cloud Storage has no rename: each object is
     copied, then the source is deleted."""
