@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -169,24 +170,38 @@ def test_two_processes_write_one_checkpoint_to_the_bucket(gcs_bucket, data_dir, 
 
 
 def test_preflight_names_the_bucket_and_the_problem_in_one_line(gcs_bucket, data_dir, tmp_path):
-    import os  # pylint: disable=g-import-not-at-top
-
     argv = ["tread_jax.main", f"--config={tl.DIGITS_CONFIG}", f"--config.data.data_dir={data_dir}"]
+    # A fine-tune config (the check of init_from comes before the dataset's) and a local workdir.
+    finetune = ["tread_jax.main", f"--config={tl.REPO}/configs/imagenet256.py:dit_s2_tread_ft", f"--workdir={tmp_path}/ft"]
     bad_key = tmp_path / "key.json"
     bad_key.write_text('{"type": "authorized_user"}')  # a credentials file without its secrets
-    cases = {
-        "missing bucket": ([*argv, "--workdir=gs://no-such-bucket/run"], {},
-                           "bucket 'gs://no-such-bucket' is not writable from this machine: the bucket does not exist"),
-        "bad credentials": ([*argv, f"--workdir={gcs_bucket}/run"], {"FSSPEC_GCS_TOKEN": str(bad_key)},
-                            f"bucket '{gcs_bucket}' is not writable from this machine: no usable credentials"),
+    # {environment changes: {case: (arguments, error type, start of the error line, what it must say)}}
+    groups = {
+        (): {
+            "missing bucket": ([*argv, "--workdir=gs://no-such-bucket/run"], "PermissionError", "workdir",
+                               "bucket 'gs://no-such-bucket' is not writable from this machine: the bucket does not exist"),
+            "init_from in a missing bucket": ([*finetune, "--config.init_from=gs://no-such-bucket/routed"],
+                                              "FileNotFoundError", "init_from",
+                                              "holds no checkpoint (looked in gs://no-such-bucket/routed/checkpoints)"),
+        },
+        (("FSSPEC_GCS_TOKEN", str(bad_key)),): {
+            "bad credentials": ([*argv, f"--workdir={gcs_bucket}/run"], "PermissionError", "workdir",
+                                f"bucket '{gcs_bucket}' is not writable from this machine: no usable credentials"),
+            "init_from with bad credentials": ([*finetune, f"--config.init_from={gcs_bucket}/routed"], "PermissionError",
+                                               "init_from", f"bucket '{gcs_bucket}' cannot be read from this machine: "
+                                                            "no usable credentials"),
+        },
     }
-    for name, (command, env, message) in cases.items():
-        case_dir = tmp_path / name.replace(" ", "_")
-        case_dir.mkdir()
-        found = cli_testlib.run_commands([(name, command, case_dir, "run")], {**os.environ, **tl.subprocess_env(), **env})
-        code, output, kind = found[name]
-        lines = output.strip().splitlines()
-        assert code == 1 and kind == "PermissionError", output[-2000:]
-        assert lines[-1].startswith("tread_jax: error: workdir ") and message in lines[-1], output[-2000:]
-        assert cli_testlib.PREFLIGHT_PASSED not in output and "Traceback" not in output
-        assert not (case_dir / "jax_cache").exists()  # nothing was compiled
+    for changes, cases in groups.items():
+        commands = []
+        for name, (command, *_) in cases.items():
+            (tmp_path / name).mkdir()
+            commands.append((name, command, tmp_path / name, "run"))
+        found = cli_testlib.run_commands(commands, {**os.environ, **tl.subprocess_env(), **dict(changes)})
+        for name, (_, error, subject, message) in cases.items():
+            code, output, kind = found[name]
+            lines = output.strip().splitlines()
+            assert code == 1 and kind == error, output[-2000:]
+            assert lines[-1].startswith(f"tread_jax: error: {subject} ") and message in lines[-1], output[-2000:]
+            assert cli_testlib.PREFLIGHT_PASSED not in output and "Traceback" not in output
+            assert not (tmp_path / name / "jax_cache").exists()  # nothing was compiled

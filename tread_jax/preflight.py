@@ -55,6 +55,20 @@ def check_bucket(workdir: str) -> None:
         ) from None
 
 
+def _saved_steps(workdir: str, what: str) -> list[int]:
+    """``checkpoint.saved_steps``; for a bucket that cannot be listed, PermissionError naming it
+    and the problem (nothing is written: an ``init_from`` run is only read)."""
+    try:
+        return checkpoint.saved_steps(workdir)
+    except Exception as error:  # noqa: BLE001 - gcsfs and google-auth raise many kinds
+        if not paths.is_remote(workdir):
+            raise
+        raise PermissionError(
+            f"{what} {workdir!r}: bucket {paths.bucket(workdir)!r} cannot be read from this machine: "
+            f"{_storage_problem(error)}"
+        ) from None
+
+
 def _storage_problem(error: Exception) -> str:
     """One line saying what went wrong talking to Cloud Storage, and what to check."""
     detail = " ".join(str(error).split())[:300] or type(error).__name__
@@ -193,7 +207,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
     if init_from:
-        if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
+        if not _saved_steps(workdir, "workdir") and not _saved_steps(init_from, "init_from"):
             raise FileNotFoundError(
                 f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
             )
