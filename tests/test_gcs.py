@@ -8,6 +8,7 @@ write one checkpoint there, and preflight reports a missing bucket or bad creden
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -131,7 +132,7 @@ def test_the_evaluation_binary_reads_the_run_from_the_bucket(bucket_run, config_
     workdir = bucket_run.workdir
     done = subprocess.run(
         [sys.executable, "-m", "tread_jax.evaluate", f"--config={config_file}", f"--workdir={workdir}",
-         "--num_samples=20", "--num_steps=2", "--per_device_batch=10"],
+         "--num_samples=20", "--num_steps=2", "--per_device_batch=10", "--save_npz"],
         cwd=tl.REPO, env=tl.subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
@@ -139,6 +140,11 @@ def test_the_evaluation_binary_reads_the_run_from_the_bucket(bucket_run, config_
     assert result["metrics_json"] == f"{workdir}/eval/{STEPS}/n20_steps2_cfg1_seed0/metrics.json"
     assert json.loads(epath.Path(result["metrics_json"]).read_text())["accuracy"] == result["accuracy"]
     assert epath.Path(result["metrics_json"]).with_name("progress.npz").exists()
+    # The samples' memory map lives on this machine; the finished ADM npz is uploaded.
+    assert result["samples_npz"] == f"{workdir}/eval/{STEPS}/n20_steps2_cfg1_seed0/samples.npz"
+    with np.load(io.BytesIO(epath.Path(result["samples_npz"]).read_bytes())) as samples:
+        assert samples["arr_0"].shape == (20, 8, 8, 3) and samples["arr_0"].dtype == np.uint8
+        assert sorted(np.bincount(samples["arr_1"])) == [2] * 10
 
 
 def test_two_processes_write_one_checkpoint_to_the_bucket(gcs_bucket, data_dir, reference, tmp_path):
