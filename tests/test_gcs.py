@@ -1,8 +1,9 @@
 """``gs://`` workdirs against a real Cloud Storage API server on 127.0.0.1 (``gcs_bucket`` in
 conftest.py): a run killed with SIGKILL, whose newest checkpoint in the bucket is then damaged,
 moves that step aside as it does locally and resumes from the one before to the state of an
-uninterrupted local run; the evaluation binary reads the run from the bucket, two processes
-write one checkpoint there, and preflight reports a missing bucket or bad credentials in one line.
+uninterrupted local run; the evaluation binary reads the run from the bucket, reference statistics
+and two processes' checkpoint are written there, and preflight reports a missing bucket or bad
+credentials in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import cli_testlib
 import trainer_testlib as tl
 from tread_jax import checkpoint
+from tread_jax.metrics import fid, reference_stats
 
 STEPS = 48
 EVERY = 8
@@ -145,6 +147,19 @@ def test_the_evaluation_binary_reads_the_run_from_the_bucket(bucket_run, config_
     with np.load(io.BytesIO(epath.Path(result["samples_npz"]).read_bytes())) as samples:
         assert samples["arr_0"].shape == (20, 8, 8, 3) and samples["arr_0"].dtype == np.uint8
         assert sorted(np.bincount(samples["arr_1"])) == [2] * 10
+
+
+def test_reference_statistics_go_to_the_bucket(gcs_bucket):
+    rng = np.random.default_rng(0)
+    stats = fid.ReferenceStatistics(mu=rng.normal(size=4), sigma=np.eye(4), mu_s=rng.normal(size=3), sigma_s=np.eye(3))
+    features = rng.normal(size=(5, 4)).astype(np.float32)
+    reference_stats.write_reference(f"{gcs_bucket}/stats/reference.npz", stats, features)
+    content = epath.Path(f"{gcs_bucket}/stats/reference.npz").read_bytes()
+    read = fid.read_adm_statistics(io.BytesIO(content))
+    for name in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_array_equal(getattr(read, name), getattr(stats, name))
+    with np.load(io.BytesIO(content)) as saved:
+        np.testing.assert_array_equal(saved[reference_stats.PR_FEATURES], features)
 
 
 def test_two_processes_write_one_checkpoint_to_the_bucket(gcs_bucket, data_dir, reference, tmp_path):
