@@ -181,3 +181,29 @@ def test_config_round_trip():
     assert diffusion.create_objective(config) == DDPM(sampler="ddim")
     with pytest.raises(ValueError):
         DDPM(sampler="euler")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guided_channels_is_dits_forward_with_cfg(sampler):
+    # DiT's models.py forward_with_cfg, written out: eps[:, :3] guided, the rest conditional.
+    def net(x, t, y):
+        scale = 1.0 + y[:, None, None, None].astype(jnp.float32)
+        return jnp.concatenate([jnp.tanh(x * scale), 0.5 * jnp.tanh(x - scale)], -1)
+
+    def forward_with_cfg(x, t, y):
+        cond, uncond = net(x, t, y), net(x, t, jnp.full_like(y, 2))
+        eps = uncond[..., :3] + 1.5 * (cond[..., :3] - uncond[..., :3])
+        return jnp.concatenate([eps, cond[..., 3:]], -1)
+
+    noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    y = jnp.array([0, 1])
+    guidance = Guidance(scale=1.5, null_class=2)
+    ours = DDPM(sampler=sampler, num_steps=5, guided_channels=3).sample(net, noise, y, guidance=guidance)
+    reference = DDPM(sampler=sampler, num_steps=5).sample(forward_with_cfg, noise, y)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-6)
+    all_channels = DDPM(sampler=sampler, num_steps=5).sample(net, noise, y, guidance=guidance)
+    assert float(jnp.abs(all_channels - ours)[..., 3].max()) > 1e-3  # the 4th channel differs
+    with pytest.raises(ValueError, match="guided_channels 5 exceeds"):
+        DDPM(guided_channels=5).sample(net, noise, y, guidance=guidance)
+    with pytest.raises(ValueError, match="guided_channels must be an integer >= 0"):
+        DDPM(guided_channels=-1)

@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from tread_jax import vae as vae_lib
+from tread_jax import cache, vae as vae_lib
 
 # The real SD layout (4 down/up blocks, 2 resnets per block, 4 latent channels) at small widths.
 TINY = dict(
@@ -232,7 +232,7 @@ def test_download_verifies_and_caches(hub, reference, compiled, monkeypatch):
     # A second call is served from the cache: any network access would fail here.
     def no_network(url, dest):
         raise AssertionError(f"fetched {url} although it is cached")
-    monkeypatch.setattr(vae_lib, "download", no_network)
+    monkeypatch.setattr(cache, "download", no_network)
     assert vae_lib.ensure_sd_vae(hub["cache"], url=hub["url"], sha256=hub["digests"]) == folder
 
     # The hub name resolves through the cache named by $TREAD_JAX_CACHE.

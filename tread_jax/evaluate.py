@@ -16,8 +16,21 @@ metrics go to ``metrics.json`` there (or ``--output``), ``--save_npz`` adds an A
 ``samples.npz`` (uint8 ``arr_0``, labels ``arr_1``) for ADM's evaluator suite.
 
 The binary needs only the training workdir (checkpoints and the dataset metadata recorded
-there) and the config: not the training data. ``tread_jax.evaluation`` is the same evaluation
-as a library, used by the binary and by the training loop (``config.eval.every``).
+there) and the config: not the training data.
+
+``--from_diffusers=SOURCE`` evaluates a public diffusers DiT instead of a checkpoint: SOURCE is a
+hub id (``facebook/DiT-XL-2-256``, ``facebook/DiT-XL-2-512``: fetched once into the local cache)
+or a local diffusers folder (``transformer/config.json`` and
+``transformer/diffusion_pytorch_model.safetensors``). The config names the model, objective and
+sampler that fit it (``configs/dit_xl2_pretrained.py``); ``--workdir`` only receives the results,
+under ``eval/0/<settings>``:
+
+    python -m tread_jax.evaluate --config=configs/dit_xl2_pretrained.py:256_cfg1.5 \
+        --from_diffusers=facebook/DiT-XL-2-256 --workdir=/ckpt/dit_xl2_256_pretrained \
+        --reference=/data/VIRTUAL_imagenet256_labeled.npz
+
+``tread_jax.evaluation`` is the same evaluation as a library, used by the binary and by the
+training loop (``config.eval.every``).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import os
 import jax
 from absl import flags
 
-from tread_jax import cli, evaluation, workdir as workdir_lib
+from tread_jax import cli, evaluation, model_builder, pretrained, workdir as workdir_lib
 from tread_jax.metrics import evaluator
 
 
@@ -40,8 +53,9 @@ def _define_flags() -> None:
     cli.define_multihost_flags()
     flags.adopt_module_key_flags(cli)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_string("from_diffusers", None, "Evaluate this diffusers DiT (hub id or folder) instead of a checkpoint.")
     flags.DEFINE_integer("num_samples", None, "Samples to generate (default: config.eval).")
-    flags.DEFINE_string("sampler", None, "Sampler of the objective (flow: euler or heun).")
+    flags.DEFINE_string("sampler", None, "Sampler of the objective (flow: euler or heun; ddpm: ddpm or ddim).")
     flags.DEFINE_integer("num_steps", None, "Sampling steps (default: config.eval.num_steps).")
     flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = none).")
     flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only at noise levels in [lo, hi].")
@@ -62,16 +76,25 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     config, workdir = f.config, f.workdir
     with cli.user_errors():
+        if f.from_diffusers and f.step is not None:
+            raise ValueError("--step names a checkpoint of the workdir; --from_diffusers evaluates an imported model")
+        # Resolved once: a hub id's files are checked against their digests on every resolve.
+        imported = pretrained.resolve(f.from_diffusers) if f.from_diffusers else None
+        if imported:
+            num_classes = pretrained.dataset_info(imported, config.data.name).num_classes
+        else:
+            num_classes = workdir_lib.dataset_info(config, workdir).num_classes
         settings = evaluation.settings_from_config(
-            config, workdir_lib.dataset_info(config, workdir).num_classes, num_samples=f.num_samples, num_steps=f.num_steps,
+            config, num_classes, num_samples=f.num_samples, num_steps=f.num_steps,
             guidance_scale=f.guidance_scale, guidance_interval=f.guidance_interval, sampler=f.sampler, seed=f.seed,
             per_device_batch=f.per_device_batch)
         if f.reference and not os.path.isfile(f.reference):
             raise FileNotFoundError(f"reference batch not found: {f.reference}")
+        weights = model_builder.import_ema(config, str(imported)) if imported else None
         result = evaluation.evaluate_checkpoint(
             config, workdir, settings, step=f.step, reference=f.reference, output=f.output,
             save_npz=f.save_npz, max_batches=f.max_batches, pr_samples=f.pr_samples,
-            inception_weights=f.inception_weights, preprocessing=f.inception_preprocessing)
+            inception_weights=f.inception_weights, preprocessing=f.inception_preprocessing, weights=weights)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
 

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from tread_jax import data, paths, runtime, sharding
 from tread_jax.metrics import evaluator, reference_stats
-from tread_jax.model_builder import ModelBuilder, restore_ema
+from tread_jax.model_builder import EmaWeights, ModelBuilder, restore_ema
 from tread_jax.sampler import Sampler
 
 
@@ -230,12 +230,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, setting
                         step: int | None = None, reference: str | None = None, output: str | None = None,
                         save_npz: bool = False, max_batches: int | None = None,
                         pr_samples: int = evaluator.DEFAULT_PR_SAMPLES, inception_weights: str | None = None,
-                        preprocessing: str = "adm") -> dict[str, Any]:
+                        preprocessing: str = "adm", weights: EmaWeights | None = None) -> dict[str, Any]:
     """The binary without flags: restore, sample, score, write the metrics JSON; returns the metrics.
 
     Needs only the workdir (its checkpoint and recorded dataset metadata) and the config.
+    ``weights`` given (an imported model, ``model_builder.import_ema``): those are scored instead
+    of a checkpoint of the workdir, which then only receives the results.
     """
-    ema = restore_ema(config, workdir, step)
+    ema = weights if weights is not None else restore_ema(config, workdir, step)
     extractor = create_extractor(
         config, workdir, reference=reference, mesh=ema.mesh, per_device_batch=settings.per_device_batch,
         pr_samples=pr_samples, inception_weights=inception_weights, preprocessing=preprocessing)

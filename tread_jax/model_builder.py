@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tread_jax import checkpoint, data, diffusion, models, sharding, workdir as workdir_lib
+from tread_jax import checkpoint, data, diffusion, models, pretrained, sharding, workdir as workdir_lib
 
 
 class ModelBuilder:
@@ -72,7 +72,8 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class EmaWeights:
-    """The EMA parameters of one checkpoint of a training workdir, sharded as in training."""
+    """The EMA parameters of one checkpoint of a training workdir (or of an imported model, step
+    0), sharded as in training."""
 
     model: ModelBuilder
     mesh: jax.sharding.Mesh
@@ -94,3 +95,23 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | Non
     param_shardings = sharding.state_shardings(abstract_params, mesh, config.fsdp_min_size)
     params, step = checkpoint.restore_ema_params(workdir, with_shardings(abstract_params, param_shardings), step)
     return EmaWeights(model, mesh, params, param_shardings, step)
+
+
+def imported_params(model: ModelBuilder, source: str, shardings: Any) -> Any:
+    """The weights of the diffusers DiT ``source`` (``pretrained.resolve``) as ``model``'s
+    parameters, placed as ``shardings``; ValueError when the model does not fit them."""
+    host = pretrained.import_params(pretrained.resolve(source), model.abstract_params())
+    # Every process holds the whole array and hands each of its devices its slice.
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                        host, shardings)
+
+
+def import_ema(config: ml_collections.ConfigDict, source: str) -> EmaWeights:
+    """A diffusers DiT (a hub id of ``pretrained.HUB_CHECKPOINTS`` or a local folder) as the EMA
+    weights of ``config``'s model, at step 0: evaluation samples it as it samples a trained
+    workdir. The latent shape and class count come from the checkpoint's config."""
+    folder = pretrained.resolve(source)
+    model = ModelBuilder(config, pretrained.dataset_info(folder, config.data.name))
+    mesh = sharding.create_mesh(config.mesh)
+    param_shardings = sharding.state_shardings(model.abstract_params(), mesh, config.fsdp_min_size)
+    return EmaWeights(model, mesh, imported_params(model, str(folder), param_shardings), param_shardings, 0)

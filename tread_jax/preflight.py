@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from tread_jax import checkpoint, data, paths, diffusion, models, routing, sharding, train_state
+from tread_jax import checkpoint, data, diffusion, models, paths, pretrained, routing, sharding, train_state
 
 
 def model_settings(model_config: ml_collections.ConfigDict) -> dict:
@@ -206,7 +206,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
         )
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
-    if init_from:
+    if init_from and not pretrained.is_diffusers_source(init_from):
         if not _saved_steps(workdir, "workdir") and not _saved_steps(init_from, "init_from"):
             raise FileNotFoundError(
                 f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
@@ -221,5 +221,9 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"image size {height} is not divisible by the patch size {settings['patch_size']} of "
             f"{config.model.name}"
         )
+    # A diffusers DiT to start from, needed only to start: after the cheap checks, since a hub id
+    # is fetched here (gigabytes).
+    if pretrained.is_diffusers_source(init_from) and not _saved_steps(workdir, "workdir"):
+        pretrained.resolve(init_from)
     check_workdir(workdir)
     return info

@@ -21,13 +21,13 @@ from absl import logging
 from clu import parameter_overview
 from etils import epath
 
-from tread_jax import data, diffusion, preflight, runtime, sharding, train_state, workdir as workdir_lib
+from tread_jax import data, diffusion, preflight, pretrained, runtime, sharding, train_state, workdir as workdir_lib
 from tread_jax.checkpoint import Checkpointer
 from tread_jax.evaluation import TrainingEvaluator
 from tread_jax.logging_utils import (
     NO_BAD_STEP, MetricWriter, Throughput, TrainMetrics, class_grid, format_duration, progress_line,
     save_class_grids)
-from tread_jax.model_builder import ModelBuilder, with_shardings
+from tread_jax.model_builder import ModelBuilder, imported_params, with_shardings
 from tread_jax.prefetch import DevicePrefetcher
 from tread_jax.profiling import StepProfiler
 from tread_jax.sampler import Sampler
@@ -107,6 +107,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         restored = checkpointer.restore_latest(abstract_sharded, data_iterator)
         if restored is not None:
             runtime.say(f"resumed from checkpoint step {restored[1]}")
+        elif pretrained.is_diffusers_source(config.get("init_from", "")):
+            # An imported public DiT: its weights as parameters and EMA, a fresh optimizer, step 0.
+            params = imported_params(model, config.init_from, state_sharding.params)
+            start = jax.jit(lambda p: train_state.init_train_state(p, tx), out_shardings=state_sharding)
+            restored = runtime.compile_everywhere(start, params, name="init_imported")(params), 0
+            runtime.say(f"initialised from the diffusers DiT {config.init_from}")
         elif config.get("init_from", ""):
             restored = _restore_init_from(config.init_from, abstract_sharded)
         if restored is None:

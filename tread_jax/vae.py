@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import re
-import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from tread_jax.cache import cache_root, download, sha256_file
+from tread_jax.cache import cache_root, fetch_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -424,27 +423,5 @@ def ensure_sd_vae(cache_dir: str | os.PathLike | None = None, *, url: str = SD_V
     `url` is a template with `{file}`; tests point it at file:// URLs.
     """
     folder = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / "sd-vae-ft-ema"
-    pinned = SD_VAE_SHA256 if sha256 is None else sha256
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        target, record = folder / name, folder / f"{name}.sha256"
-        if not target.is_file():
-            if offline:
-                raise FileNotFoundError(_offline_message(folder, "HF_HUB_OFFLINE is set"))
-            fetched = folder / f"{name}.unverified"
-            try:
-                download(url.format(file=name), fetched)
-            except (urllib.error.URLError, OSError) as e:
-                raise FileNotFoundError(_offline_message(folder, f"downloading {name} failed: {e}")) from e
-            digest = sha256_file(fetched)
-            if pinned.get(name) and digest != pinned[name]:
-                fetched.unlink()
-                raise ValueError(f"downloaded {name} has sha256 {digest}, expected {pinned[name]}; "
-                                 f"the file was discarded")
-            fetched.replace(target)
-            record.write_text(digest + "\n")
-            continue
-        expected = pinned.get(name) or (record.read_text().strip() if record.is_file() else None)
-        if expected is not None and sha256_file(target) != expected:
-            raise ValueError(f"{target} does not match its sha256 {expected}; delete it to download again")
-    return folder
+    return fetch_files(folder, (CONFIG_FILE, WEIGHTS_FILE), url, SD_VAE_SHA256 if sha256 is None else sha256,
+                       lambda reason: _offline_message(folder, reason))

@@ -96,6 +96,10 @@ class DDPM:
     beta_end: float = 0.02
     sampler: str = "ddpm"
     num_steps: int = 250  # DiT's sample.py: space_timesteps(1000, "250")
+    # Epsilon channels classifier-free guidance acts on, from the first; 0 = all of them (the
+    # standard form, diffusers' DiTPipeline). DiT's own sampler guides the first 3 of its 4 latent
+    # channels (models.py forward_with_cfg), which is how its published FIDs were measured.
+    guided_channels: int = 0
 
     def __post_init__(self):
         if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
@@ -106,6 +110,8 @@ class DDPM:
             raise ValueError(f"ddpm sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not isinstance(self.num_steps, int) or not 2 <= self.num_steps <= self.num_timesteps:
             raise ValueError(f"ddpm num_steps must be an integer in [2, {self.num_timesteps}], got {self.num_steps!r}")
+        if not isinstance(self.guided_channels, int) or self.guided_channels < 0:
+            raise ValueError(f"ddpm guided_channels must be an integer >= 0 (0 = all), got {self.guided_channels!r}")
 
     def schedule(self, num_steps: int | None = None) -> dict[str, jax.Array]:
         """Tables over all steps (None) or over ``num_steps`` respaced ones."""
@@ -196,9 +202,10 @@ class DDPM:
     ) -> jax.Array:
         """x0 from x_T = noise over ``num_steps`` respaced steps; N network evaluations.
 
-        Guidance acts on epsilon (all C channels; DiT's own code guides only the first 3 "for exact
-        reproducibility", its comment calls all channels the standard approach), the variance
-        channels come from the conditional pass. Its interval is in step units t in [0, T-1].
+        Guidance acts on epsilon: all C channels, or the first ``guided_channels`` (DiT's own code
+        guides only the first 3 "for exact reproducibility", its comment calls all channels the
+        standard approach); the other channels, variance included, come from the conditional
+        pass. Its interval is in step units t in [0, T-1].
         The ancestral noise has no key argument to come from, so each sample's stream is keyed by
         its own starting noise (its first two values' bits): reproducible, independent across
         samples, and elementwise over the batch so a batch-sharded input stays sharded.
@@ -206,7 +213,9 @@ class DDPM:
         num_steps = self.num_steps if num_steps is None else num_steps
         check_sample_inputs(noise, class_labels, num_steps, minimum=2)
         channels = noise.shape[-1]
-        at = guided_net(net, guidance, guided_channels=channels)
+        if self.guided_channels > channels:
+            raise ValueError(f"ddpm guided_channels {self.guided_channels} exceeds the data's {channels} channels")
+        at = guided_net(net, guidance, guided_channels=self.guided_channels or channels)
         tables = self.schedule(num_steps)
         x = noise.astype(jnp.float32)
         bits = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1)[:, :2], jnp.int32)

@@ -26,14 +26,21 @@ SSM_SIZES = {
     "L": dict(depth=48, hidden_size=1024),
     "XL": dict(depth=56, hidden_size=1152),
 }
-PATCH_SIZES = (2, 4, 8)
-FAMILIES = {"DiT": (DiT, DIT_SIZES), "SSM": (SSM, SSM_SIZES)}
+# Patch 1 (listed last, so the first name stays DiT-S/2): LightningDiT's paper names.
+PATCH_SIZES = (2, 4, 8, 1)
+# family -> (class, sizes, fixed arguments). LightningDiT (Yao et al. 2025) is DiT's sizes with
+# the modern block; the paper's names are at patch 1 on 16x16 latents (LightningDiT-XL/1).
+FAMILIES = {
+    "DiT": (DiT, DIT_SIZES, {}),
+    "SSM": (SSM, SSM_SIZES, {}),
+    "LightningDiT": (DiT, DIT_SIZES, {"block": "modern"}),
+}
 
 _NAME = re.compile(r"^(?P<family>[A-Za-z]+)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")
 
 
 def model_names() -> list[str]:
-    return [f"{fam}-{size}/{p}" for fam, (_, sizes) in FAMILIES.items() for size in sizes for p in PATCH_SIZES]
+    return [f"{fam}-{size}/{p}" for fam, (_, sizes, _) in FAMILIES.items() for size in sizes for p in PATCH_SIZES]
 
 
 def model_spec(name: str) -> tuple[type[nnx.Module], dict]:
@@ -42,8 +49,8 @@ def model_spec(name: str) -> tuple[type[nnx.Module], dict]:
     family = FAMILIES.get(match["family"]) if match else None
     if family is None or match["size"] not in family[1] or int(match["patch"]) not in PATCH_SIZES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    cls, sizes = family
-    return cls, dict(sizes[match["size"]], patch_size=int(match["patch"]))
+    cls, sizes, fixed = family
+    return cls, dict(sizes[match["size"]], patch_size=int(match["patch"]), **fixed)
 
 
 def create_model(

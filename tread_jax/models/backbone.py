@@ -46,6 +46,7 @@ class Backbone(nnx.Module):
     """
 
     keep_order = False  # True for blocks that depend on token order (scans)
+    absolute_positions = True  # False for blocks that position tokens themselves (RoPE)
     scannable = True  # False where blocks differ in more than their weights
 
     def __init__(
@@ -145,7 +146,9 @@ class Backbone(nnx.Module):
             num_tokens = self.num_tokens(height, width)
             routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order)
         pos = sincos_pos_embed_2d(self.hidden_size, *grid)
-        tokens = self.patch_embed(x.astype(self.compute_dtype)) + pos.astype(self.compute_dtype)
+        tokens = self.patch_embed(x.astype(self.compute_dtype))
+        if self.absolute_positions:
+            tokens = tokens + pos.astype(self.compute_dtype)
         c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
         for stretch in routing.stretches(
             route_plan, self.depth, self.compute_dtype, float32_rejoin=self.float32_after_route

@@ -7,8 +7,9 @@ in diffusers' layout. Differences the converter bridges:
   (``transformer_blocks.i.norm1.emb.*``); the original DiT, like ours, has one. Block 0's copy is
   used and the others must be identical (they are in converted checkpoints).
 - diffusers' timestep features divide the log-frequencies by ``half - 1``
-  (``downscale_freq_shift=1``) where the original DiT divides by ``half``; the imported model is
-  therefore built with ``timestep_freq_shift=1``.
+  (``downscale_freq_shift=1``) where the original DiT divides by ``half``; ``dit_from_diffusers``
+  builds with ``timestep_freq_shift=1`` to reproduce diffusers' outputs. The hub weights were
+  trained with the original features, which ``configs/dit_xl2_pretrained.py`` keeps (0).
 - separate ``to_q``/``to_k``/``to_v`` projections become our fused ``qkv`` kernel, whose output
   is split into q, k, v in thirds.
 - the patch convolution ``[D, C, p, p]`` becomes a Linear over patch pixels ordered ``(p, p, C)``
@@ -144,6 +145,25 @@ def _our_params(sd: Mapping[str, np.ndarray], kwargs: Mapping[str, Any]) -> dict
     }
 
 
+def params_from_diffusers(
+    state_dict: Mapping[str, Any], config: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict]:
+    """``(DiT constructor kwargs, parameters)`` of a diffusers ``DiTTransformer2DModel``.
+
+    ``state_dict`` holds torch tensors or numpy arrays; the parameters are nested dicts of float32
+    numpy arrays laid out like ``nnx.to_pure_dict(nnx.state(DiT(**kwargs), nnx.Param))``.
+    ValueError for a config or state dict our DiT cannot hold.
+    """
+    kwargs = dit_kwargs_from_diffusers(config)
+    sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+    try:
+        return kwargs, _our_params(sd, kwargs)
+    except KeyError as missing:
+        raise ValueError(
+            f"state dict lacks {missing.args[0]!r} for a {kwargs['depth']}-block DiT"
+        ) from None
+
+
 def dit_from_diffusers(
     model_or_state_dict: Any,
     config: Mapping[str, Any] | None = None,
@@ -166,27 +186,15 @@ def dit_from_diffusers(
         raise ValueError(
             "a state dict needs its diffusers config (num_layers, patch_size, ...)"
         )
-    kwargs = dit_kwargs_from_diffusers(config)
-    sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+    kwargs, ours = params_from_diffusers(state_dict, config)
 
     abstract = nnx.eval_shape(
         lambda: DiT(**kwargs, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
     )
     graphdef, params = nnx.split(abstract, nnx.Param)
-    try:
-        converted = traversals.flatten_mapping(_our_params(sd, kwargs))
-    except KeyError as missing:
-        raise ValueError(
-            f"state dict lacks {missing.args[0]!r} for a {kwargs['depth']}-block DiT"
-        ) from None
+    converted = traversals.flatten_mapping(ours)
     want = traversals.flatten_mapping(nnx.to_pure_dict(params))
-    mismatched = sorted(
-        "/".join(map(str, path))
-        for path in set(want) | set(converted)
-        if path not in want
-        or path not in converted
-        or want[path].shape != converted[path].shape
-    )
+    mismatched = mismatched_parameters(want, converted)
     if mismatched:
         raise ValueError(
             f"converted parameters do not fit the DiT: {', '.join(mismatched[:5])}"
@@ -196,3 +204,12 @@ def dit_from_diffusers(
         traversals.unflatten_mapping({k: jnp.asarray(v) for k, v in converted.items()}),
     )
     return nnx.merge(graphdef, params)
+
+
+def mismatched_parameters(want: Mapping[tuple, Any], got: Mapping[tuple, Any]) -> list[str]:
+    """Sorted ``a/b/c`` paths of flat parameter mappings that one lacks or that differ in shape."""
+    return sorted(
+        "/".join(map(str, path))
+        for path in set(want) | set(got)
+        if path not in want or path not in got or tuple(want[path].shape) != tuple(got[path].shape)
+    )

@@ -1,14 +1,31 @@
-"""DiT (Peebles & Xie, 2023) with TREAD routing over its blocks."""
+"""DiT (Peebles & Xie, 2023) with TREAD routing over its blocks, and a modern block option.
+
+``block="modern"`` swaps the 2023 block for the LightningDiT recipe (Yao et al. 2025): RMSNorm,
+QK-normalisation, 2-D axial rotary position embeddings instead of the absolute table, and a
+SwiGLU MLP, still conditioned by adaLN-Zero. Under routing the kept tokens keep their original
+grid coordinates for RoPE.
+"""
 
 from __future__ import annotations
 
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tread_jax.models.backbone import Backbone
-from tread_jax.models.layers import dense, layer_norm, modulate, zeros
+from tread_jax.models.layers import (
+    apply_rope,
+    dense,
+    layer_norm,
+    modulate,
+    rms_norm,
+    rope_angles_2d,
+    zeros,
+)
+
+BLOCKS = ("dit", "modern")
 
 
 class DiTBlock(nnx.Module):
@@ -51,6 +68,54 @@ class DiTBlock(nnx.Module):
         return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
+class ModernDiTBlock(nnx.Module):
+    """adaLN-Zero block with RMSNorm, QK-norm (RMSNorm with a learned scale per head dimension),
+    2-D RoPE on queries and keys, and a SwiGLU MLP of ``int(2/3 * mlp_ratio * D)`` hidden units
+    (the parameter count of the GELU MLP it replaces)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        *,
+        attention_impl: str | None,
+        rngs: nnx.Rngs,
+    ):
+        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
+                             "dimension divisible by 4 (2-D RoPE)")
+        head_dim = hidden_size // num_heads
+        mlp_hidden = int(2 * int(hidden_size * mlp_ratio) / 3)
+        self.num_heads = num_heads
+        self.attention_impl = attention_impl
+        self.ada = dense(hidden_size, 6 * hidden_size, kernel_init=zeros, rngs=rngs)
+        self.qkv = dense(hidden_size, 3 * hidden_size, rngs=rngs)
+        self.q_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32))
+        self.k_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32))
+        self.attn_out = dense(hidden_size, hidden_size, rngs=rngs)
+        self.gate = dense(hidden_size, mlp_hidden, rngs=rngs)
+        self.up = dense(hidden_size, mlp_hidden, rngs=rngs)
+        self.down = dense(mlp_hidden, hidden_size, rngs=rngs)
+
+    def attention(self, x: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
+        qkv = einops.rearrange(self.qkv(x), "b n (qkv h d) -> b n qkv h d", qkv=3, h=self.num_heads)
+        q, k, v = jnp.unstack(qkv, axis=2)
+        q = apply_rope(rms_norm(q, self.q_norm[...]), angles)
+        k = apply_rope(rms_norm(k, self.k_norm[...]), angles)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        return self.attn_out(einops.rearrange(out, "b n h d -> b n (h d)"))
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+    def __call__(self, x: jax.Array, c: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
+        """``angles``: the RoPE angles of the tokens ``x`` holds (``rope_angles_2d``)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, axis=-1)
+        x = x + gate1[:, None] * self.attention(modulate(rms_norm(x), shift1, scale1), angles)
+        return x + gate2[:, None] * self.mlp(modulate(rms_norm(x), shift2, scale2))
+
+
 class DiT(Backbone):
     """Class-conditional diffusion transformer (DiT) over NHWC inputs."""
 
@@ -61,18 +126,33 @@ class DiT(Backbone):
         num_heads: int,
         mlp_ratio: float = 4.0,
         attention_impl: str | None = None,
+        block: str = "dit",
+        rope_theta: float = 10000.0,
         rngs: nnx.Rngs,
         **trunk,
     ):
-        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...)."""
+        """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...).
+        ``block``: "dit" (the 2023 block) or "modern" (:class:`ModernDiTBlock`, with RoPE of base
+        ``rope_theta`` in place of the absolute position table)."""
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
         super().__init__(hidden_size=hidden_size, rngs=rngs, **trunk)
+        self.block = block
+        self.rope_theta = rope_theta
+        self.head_dim = hidden_size // num_heads
+        self.absolute_positions = block == "dit"
+        block_class = DiTBlock if block == "dit" else ModernDiTBlock
         self.blocks = nnx.List(
             [
-                DiTBlock(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs)
+                block_class(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs)
                 for _ in range(self.depth)
             ]
         )
 
     def block_args(self, i, positions, grid):
-        del i, positions, grid  # attention is permutation-equivariant; positions live in the tokens
-        return ()
+        del i
+        if self.block == "dit":  # attention is permutation-equivariant; positions live in the tokens
+            return ()
+        # RoPE: the grid coordinates of the tokens the blocks hold, original ones under routing.
+        positions = np.arange(grid[0] * grid[1]) if positions is None else positions
+        return (rope_angles_2d(positions // grid[1], positions % grid[1], self.head_dim, self.rope_theta),)

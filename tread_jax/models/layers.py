@@ -69,6 +69,46 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps)``, times ``scale`` if given;
+    statistics in float32, result in ``x``'s dtype."""
+    x32 = x.astype(jnp.float32)
+    out = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    if scale is not None:
+        out = out * scale.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def rope_angles_2d(rows: jax.Array | np.ndarray, cols: jax.Array | np.ndarray, head_dim: int,
+                   theta: float = 10000.0) -> jax.Array | np.ndarray:
+    """2-D axial rotary angles ``[..., head_dim // 2]`` for tokens at grid ``(rows, cols)``.
+
+    The first half of the rotated pairs turns with the row, the second with the column, each at
+    the frequencies ``theta ** (-j / (head_dim // 4))``, ``j < head_dim // 4`` (RoPE, Su et al.
+    2021, applied per axis as in EVA-02 and LightningDiT). numpy positions give numpy angles
+    (static under jit); jax positions, such as a route's kept tokens, give jax angles.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    xp = np if isinstance(rows, np.ndarray) and isinstance(cols, np.ndarray) else jnp
+    quarter = head_dim // 4
+    freqs = theta ** (-np.arange(quarter, dtype=np.float64) / quarter)
+    rows = xp.asarray(rows, xp.float32)[..., None]
+    cols = xp.asarray(cols, xp.float32)[..., None]
+    return xp.concatenate([rows * freqs.astype(np.float32), cols * freqs.astype(np.float32)], axis=-1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
+    """Rotates ``x: [B, N, H, d]`` by ``angles: [N, d/2]`` or ``[B, N, d/2]``: the pairs
+    ``(x[..., j], x[..., j + d/2])`` turn by ``angles[..., j]`` (the "rotate half" layout)."""
+    angles = jnp.asarray(angles, jnp.float32)
+    if angles.ndim == 2:
+        angles = angles[None]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """adaLN modulation of ``[B, N, D]`` tokens by per-sample ``[B, D]`` shift and scale."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -80,7 +120,8 @@ def timestep_embedding(
     """Sinusoidal embedding ``[cos, sin]`` of scalar noise labels, float32 ``[B, dim]``.
 
     ``freq_shift=0`` is DiT's original; diffusers' DiT port divides by ``half - 1`` instead
-    (``freq_shift=1``), which matters only when importing its weights.
+    (``freq_shift=1``): use 1 to reproduce diffusers' outputs; the hub's DiT weights were trained
+    with the original's 0.
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))

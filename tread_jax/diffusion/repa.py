@@ -1,0 +1,108 @@
+"""REPA (Yu et al. 2024, "Representation Alignment for Generation Made Easier"), routing-aware.
+
+REPA adds to the denoising loss ``coef`` times the mean, over tokens and images, of the negative
+cosine similarity between the backbone's hidden tokens after block ``depth`` (1-based, REPA's
+``encoder_depth``), passed through a small MLP projector, and a frozen encoder's patch features
+of the clean image at the same positions (github.com/sihyun-yu/REPA: ``models/sit.py``
+``build_mlp``, ``loss.py`` ``SILoss``). The projector is trained with the backbone and unused at
+sampling.
+
+With TREAD routing, a block inside a route sees only the kept tokens: ``aligned_positions``
+gives their original positions (from the ``RoutePlan``), and ``alignment_loss`` compares each
+kept token with the encoder feature at its position. Outside every route all tokens align.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tread_jax.models.dinov2 import DinoV2, normalize_imagenet, resize_bicubic
+from tread_jax.models.layers import dense
+from tread_jax.routing import RoutePlan, gather_tokens
+
+# REPA's defaults: projector width and loss weight (train.py --projector-dim, --proj-coeff).
+PROJECTOR_WIDTH = 2048
+COEF = 0.5
+# torch.nn.functional.normalize's floor on the norm.
+_NORM_EPS = 1e-12
+
+
+class Projector(nnx.Module):
+    """REPA's ``build_mlp``: ``Linear(hidden, width), SiLU, Linear(width, width), SiLU,
+    Linear(width, z_dim)`` (``num_layers`` Linear layers in all, SiLU between). Weights are
+    Xavier-uniform and biases zero, as REPA's ``initialize_weights`` sets every Linear."""
+
+    def __init__(self, hidden_size: int, z_dim: int, *, width: int = PROJECTOR_WIDTH,
+                 num_layers: int = 3, rngs: nnx.Rngs):
+        if num_layers < 1:
+            raise ValueError(f"the projector needs at least one layer, got num_layers={num_layers}")
+        sizes = [hidden_size] + [width] * (num_layers - 1) + [z_dim]
+        self.layers = nnx.List([dense(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``[..., hidden_size] -> [..., z_dim]``, in the tokens' dtype."""
+        x = self.layers[0](tokens)
+        for layer in self.layers[1:]:
+            x = layer(jax.nn.silu(x))
+        return x
+
+
+def aligned_positions(plan: RoutePlan | None, depth: int) -> jax.Array | None:
+    """Original positions ``[B, K]`` of the tokens the backbone holds after block ``depth``
+    (1-based: the output of 0-based block ``depth - 1``): the kept tokens of the route whose
+    blocks include it, or None (every token) when no route does."""
+    if depth < 1:
+        raise ValueError(f"REPA depth counts blocks from 1 (the output of the first block), got {depth}")
+    block = depth - 1
+    for route, kept in zip(plan.routes, plan.kept) if plan is not None else ():
+        if route.start <= block <= route.end:
+            return kept
+    return None
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    """``F.normalize(x, dim=-1)``: ``x / max(|x|, 1e-12)``."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
+
+
+def alignment_loss(projected: jax.Array, encoder_features: jax.Array,
+                   positions: jax.Array | None = None, *, coef: float = COEF) -> jax.Array:
+    """``coef * mean over images and tokens of -cos(projected, encoder feature)``, in float32.
+
+    ``projected``: ``[B, K, D]`` projector outputs for the tokens the backbone held;
+    ``encoder_features``: ``[B, N, D]`` patch features of the clean images, in the backbone's
+    token order; ``positions``: ``[B, K]`` original positions of the held tokens
+    (``aligned_positions``), or None when the backbone held all ``N`` tokens in order.
+    """
+    if projected.ndim != 3 or encoder_features.ndim != 3:
+        raise ValueError(f"projected and encoder features must be [B, tokens, D], got shapes "
+                         f"{projected.shape} and {encoder_features.shape}")
+    (b, k, d), (b_enc, n, d_enc) = projected.shape, encoder_features.shape
+    if (b, d) != (b_enc, d_enc):
+        raise ValueError(f"projected {projected.shape} and encoder features {encoder_features.shape} "
+                         "differ in batch or width")
+    if positions is None:
+        if k != n:
+            raise ValueError(f"{k} projected tokens but {n} encoder tokens: the grids differ "
+                             "(or pass the positions of the held tokens)")
+        target = encoder_features
+    else:
+        if positions.shape != (b, k):
+            raise ValueError(f"positions must be [B={b}, K={k}], got shape {positions.shape}")
+        target = gather_tokens(encoder_features, positions)
+    cosine = jnp.sum(_normalize(projected.astype(jnp.float32)) * _normalize(target.astype(jnp.float32)),
+                     axis=-1)
+    return -coef * cosine.mean()
+
+
+def encoder_features(encoder: DinoV2, images: jax.Array) -> jax.Array:
+    """REPA's targets: DINOv2 patch features of clean NHWC images in [-1, 1], without gradient.
+
+    As REPA's ``preprocess_raw_image``: ImageNet normalisation, then a bicubic resize (no
+    antialiasing) to the encoder's input size (256 -> 224 for a 16x16 grid) when they differ.
+    """
+    x = normalize_imagenet(images)
+    if x.shape[1] != encoder.image_size or x.shape[2] != encoder.image_size:
+        x = resize_bicubic(x, encoder.image_size)
+    return jax.lax.stop_gradient(encoder(x))
