@@ -27,9 +27,11 @@
 #                           from it alone: no package index needed, but the workers' image
 #                           must have python<VERSION> with its venv module
 #   --config PATH           config file, relative to the repository root [configs/digits.py]
-#   --workdir DIR           on every worker; must be shared storage on a multi-host slice
-#                           [~/gcs/tread_jax/NAME with --gcs-bucket, else ~/tread_runs/NAME]
-#   --gcs-bucket BUCKET     mount gs://BUCKET at ~/gcs on every worker with gcsfuse
+#   --workdir DIR           a gs://BUCKET/PATH URL or a path on every worker; must be shared
+#                           storage on a multi-host slice
+#                           [gs://BUCKET/tread_jax/NAME with --gcs-bucket, else ~/tread_runs/NAME]
+#   --gcs-bucket BUCKET     keep the workdir in this Cloud Storage bucket (written natively by
+#                           every worker with the VM's service account; nothing is mounted)
 #   --worker N              worker whose log `logs` streams [0]
 #   --dry-run               print every command instead of running it
 #   -h, --help              show this help
@@ -38,8 +40,10 @@
 # jax.distributed.initialize() finds the coordinator, process count and process index from the
 # TPU VM metadata; nothing is passed by hand. Each process reads its share of the data and
 # writes its shards of every checkpoint, so on a slice with more than one host the workdir must
-# be storage that all workers share (--gcs-bucket, or an NFS/Filestore mount); process 0 alone
-# writes logs and sample grids.
+# be storage that all workers share (--gcs-bucket or a gs:// --workdir, or an NFS/Filestore
+# mount); process 0 alone writes logs and sample grids. The data directory (a config override
+# such as --config.data.data_dir=...) is read from a path on every worker: a local copy, NFS,
+# or a bucket the workers mount themselves (gcsfuse).
 
 set -euo pipefail
 # shellcheck source=launch/_common.sh
@@ -132,7 +136,6 @@ REMOTE_VENV=$(remote_path tread_venv)
 REMOTE_PYTHON=$(remote_path tread_venv/bin/python)
 REMOTE_LOG=$(remote_path tread_train.log)
 REMOTE_PID=$(remote_path tread_train.pid)
-REMOTE_MOUNT=$(remote_path gcs)
 REMOTE_WHEELS=$(remote_path tread_wheels)
 SOURCE_ARCHIVE=tread_jax_src.tar.gz
 LOCAL_ARCHIVE="${TMPDIR:-/tmp}/${NAME}_${SOURCE_ARCHIVE}"
@@ -142,7 +145,7 @@ LOCAL_WHEELS_ARCHIVE="${TMPDIR:-/tmp}/${NAME}_${WHEELS_ARCHIVE}"
 if [[ -n $WORKDIR ]]; then
   REMOTE_WORKDIR=$(shell_join "$WORKDIR")
 elif [[ -n $GCS_BUCKET ]]; then
-  REMOTE_WORKDIR=$(remote_path "gcs/tread_jax/$NAME")
+  REMOTE_WORKDIR=$(shell_join "gs://$GCS_BUCKET/tread_jax/$NAME")
 else
   REMOTE_WORKDIR=$(remote_path "tread_runs/$NAME")
 fi
@@ -203,25 +206,12 @@ cmd_setup() {
   local script
   script=$(steps "$fetch" "$install" \
     "$REMOTE_PYTHON -c 'import jax, tread_jax; print(\"jax\", jax.__version__)'")
-  if [[ -n $GCS_BUCKET ]]; then
-    # gcsfuse from Google's apt repository, as its install guide describes.
-    script=$(steps "$script" "{ command -v gcsfuse >/dev/null || { \
-curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && \
-echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && \
-sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; }")
-  fi
   ssh_all "$script"
 }
 
 cmd_train() {
   local train=("-m" tread_jax.main --config="$CONFIG")
-  local script=()
-  if [[ -n $GCS_BUCKET ]]; then
-    # Mounted here rather than in setup: a preempted or rebooted worker loses the mount.
-    script+=("mkdir -p $REMOTE_MOUNT"
-      "{ mountpoint -q $REMOTE_MOUNT || gcsfuse --implicit-dirs $(shell_join "$GCS_BUCKET") $REMOTE_MOUNT; }")
-  fi
-  script+=("cd $REMOTE_SRC"
+  local script=("cd $REMOTE_SRC"
     "if [ -f $REMOTE_PID ] && kill -0 \"\$(cat $REMOTE_PID)\" 2>/dev/null; then echo 'tread_jax is already training on this worker' >&2; exit 1; fi"
     "{ setsid nohup $REMOTE_PYTHON $(shell_join "${train[@]}") --workdir=$REMOTE_WORKDIR --distributed${OVERRIDES[*]:+ $(shell_join "${OVERRIDES[@]}")} > $REMOTE_LOG 2>&1 < /dev/null & echo \$! > $REMOTE_PID; }"
     "echo \"worker \$(hostname): training started, pid \$(cat $REMOTE_PID)\"")
@@ -246,7 +236,7 @@ cmd_delete() {
 }
 
 if [[ -z $WORKDIR && -z $GCS_BUCKET && $COMMAND =~ ^(train|all)$ ]]; then
-  warn "workdir is each worker's local disk; a multi-host slice needs shared storage (--gcs-bucket or --workdir on NFS)"
+  warn "workdir is each worker's local disk; a multi-host slice needs shared storage (--gcs-bucket, a gs:// --workdir or --workdir on NFS)"
 fi
 
 case $COMMAND in

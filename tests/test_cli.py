@@ -76,7 +76,6 @@ CASES = [
     ("fine-tune from an empty workdir", "configs/imagenet256.py:dit_s2_tread_ft",
      ["--config.init_from={tmp}/routed", "--config.data.data_dir={data}"], "init_from"),
     ("unwritable workdir", DIGITS, ["--config.data.data_dir={data}", "--workdir={file}/run"], "workdir"),
-    ("bucket workdir", DIGITS, ["--config.data.data_dir={data}", "--workdir=gs://bucket/run"], "gs://bucket/run"),
     # The command itself.
     ("unknown flag", DIGITS, ["--bogus"], "bogus"),
     ("stray argument", DIGITS, ["extra"], "unexpected arguments"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from tread_jax import cli
 
@@ -100,9 +101,10 @@ def run_main(config_file, workdir, *extra, num_devices=None, timeout=240) -> sub
 
 
 def logged(workdir: str, key: str = "loss") -> dict[int, float]:
-    """``{step: value}`` from a run's metrics.jsonl (later lines win, as after a resume)."""
+    """``{step: value}`` from a run's metrics.jsonl (later lines win, as after a resume); the
+    workdir may be a ``gs://`` URL, as may those of the two functions below."""
     out = {}
-    path = Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
@@ -112,7 +114,7 @@ def logged(workdir: str, key: str = "loss") -> dict[int, float]:
 
 
 def saved_steps(workdir: str) -> list[int]:
-    directory = Path(workdir) / "checkpoints"
+    directory = epath.Path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
@@ -124,7 +126,7 @@ def load_state(workdir: str, step: int) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path).item_metadata

@@ -8,19 +8,24 @@ crash mid-save never leaves a half-written step behind. A finished step that fai
 restore (a truncated or damaged file) is moved aside to ``<workdir>/checkpoints_corrupt/``
 with a warning and the previous step is used; moving it aside matters because Orbax refuses
 to save a step at or below its latest one, so the rerun would otherwise never replace it.
+
+The workdir may be local or a ``gs://`` URL (Orbax writes through TensorStore; on Cloud Storage
+a step counts as finished once Orbax's commit marker is there, instead of the rename).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import grain.checkpoint as grain_checkpoint
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+from tread_jax import paths
 
 STATE = "state"
 DATA = "data"
@@ -28,14 +33,13 @@ DATA = "data"
 
 def checkpoint_dir(workdir: str) -> str:
     """Where a training workdir keeps its checkpoints."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
 def saved_steps(workdir: str) -> list[int]:
-    """The finished checkpoint steps of a training workdir, ascending (Orbax's temporary
-    directories of unfinished saves are not digits and are left out)."""
-    directory = checkpoint_dir(workdir)
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+    """The finished checkpoint steps of a training workdir, ascending (Orbax's own test: its
+    temporary directories, and on Cloud Storage the steps without a commit marker, are left out)."""
+    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def restore_ema_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
@@ -76,7 +80,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, save_interval_steps: int = 1, max_to_keep: int = 1,
                  read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
-        self.corrupt_directory = os.path.join(os.path.abspath(workdir), "checkpoints_corrupt")
+        self.corrupt_directory = os.path.join(paths.absolute(workdir), "checkpoints_corrupt")
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
@@ -84,6 +88,10 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
             create=not read_only,
             read_only=read_only,
+            # A save cut short (a kill) leaves an unfinished step: a temporary folder locally, a
+            # step folder without its commit marker on Cloud Storage, where a later save of the
+            # same step would otherwise write into the leftovers.
+            cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE, DATA)
@@ -123,7 +131,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = os.path.join(self.directory, str(step))
             items = {STATE: ocp.args.StandardRestore(abstract_state)}
-            same_layout = data_iterator is None or os.path.exists(_iterator_file(step_dir))
+            same_layout = data_iterator is None or epath.Path(_iterator_file(step_dir)).exists()
             if data_iterator is not None and same_layout:
                 items[DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
             try:
@@ -149,11 +157,7 @@ class Checkpointer:
     def _quarantine(self, step: int) -> None:
         """Moves an unreadable step out of the managed directory (process 0), then re-lists."""
         if jax.process_index() == 0:
-            os.makedirs(self.corrupt_directory, exist_ok=True)
-            target = os.path.join(self.corrupt_directory, str(step))
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            paths.move_tree(os.path.join(self.directory, str(step)), os.path.join(self.corrupt_directory, str(step)))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"tread_jax_quarantine_{step}")
         self.manager.reload()

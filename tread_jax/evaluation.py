@@ -12,8 +12,10 @@ evaluation resumes; metrics go to ``metrics.json`` there.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import tempfile
 import time
 import zipfile
 from typing import Any
@@ -21,9 +23,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from tread_jax import data, runtime, sharding
+from tread_jax import data, paths, runtime, sharding
 from tread_jax.metrics import evaluator, reference_stats
 from tread_jax.model_builder import EmaWeights, ModelBuilder, restore_ema
 from tread_jax.sampler import Sampler
@@ -118,17 +121,23 @@ def create_extractor(config: ml_collections.ConfigDict, workdir: str, *, referen
     if reference:
         stats, features = reference_stats.load_reference(
             reference, model, mesh=mesh, global_batch_size=per_device_batch * sharding.data_parallel_size(mesh),
-            pr_samples=pr_samples, cache_dir=os.path.join(os.path.abspath(workdir), "eval", "reference_cache"))
+            pr_samples=pr_samples, cache_dir=os.path.join(paths.absolute(workdir), "eval", "reference_cache"))
     return evaluator.InceptionExtractor(model, reference=stats, reference_pool=features, pr_samples=pr_samples)
 
 
 class _SampleWriter:
     """Samples as uint8 into ``samples.npy`` (a memmap, so a resumed run continues it), packed
     into ADM's ``samples.npz`` (``arr_0`` images, ``arr_1`` labels) at the end. Process 0 writes;
-    the other processes only take part in the gather."""
+    the other processes only take part in the gather. A memory map needs a local file: for a
+    ``gs://`` directory the samples are kept on this machine's disk and the finished npz uploaded."""
 
     def __init__(self, directory: str, num_samples: int, image_shape: tuple[int, int, int], labels: np.ndarray):
-        self.npy = os.path.join(directory, "samples.npy")
+        local = directory
+        if paths.is_remote(directory):
+            local = os.path.join(tempfile.gettempdir(), "tread_jax_samples", hashlib.sha256(directory.encode()).hexdigest()[:16])
+            os.makedirs(local, exist_ok=True)
+        self.npy = os.path.join(local, "samples.npy")
+        self.local_npz = os.path.join(local, "samples.npz")
         self.npz = os.path.join(directory, "samples.npz")
         self.labels = labels
         self._array = None
@@ -154,11 +163,14 @@ class _SampleWriter:
         if self._array is not None:
             self.flush()
             self._array = None
-            with zipfile.ZipFile(self.npz, "w", allowZip64=True) as zf:
+            with zipfile.ZipFile(self.local_npz, "w", allowZip64=True) as zf:
                 zf.write(self.npy, "arr_0.npy")
                 with zf.open("arr_1.npy", "w") as f:
                     np.lib.format.write_array(f, self.labels)
             os.remove(self.npy)
+            if self.local_npz != self.npz:
+                epath.Path(self.local_npz).copy(self.npz, overwrite=True)
+                os.remove(self.local_npz)
         return self.npz
 
 
@@ -204,8 +216,8 @@ class Evaluation:
         Returns the metrics (with ``complete`` False when ``max_batches`` stopped it early).
         """
         s = self.settings
-        output_dir = os.path.join(os.path.abspath(workdir), "eval", str(step), s.tag())
-        os.makedirs(output_dir, exist_ok=True)
+        output_dir = os.path.join(paths.absolute(workdir), "eval", str(step), s.tag())
+        epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
         writer = _SampleWriter(output_dir, s.num_samples, self.sampler.pixel_shape, self.labels) if save_npz else None
         started = time.perf_counter()
         metrics, done = self.score(
@@ -222,9 +234,7 @@ class Evaluation:
         result["seconds_this_run"] = time.perf_counter() - started
         if jax.process_index() == 0:
             path = output or os.path.join(output_dir, "metrics.json")
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+            paths.write_text(path, json.dumps(result, indent=2))
             result["metrics_json"] = path
         return result
 
@@ -339,7 +349,6 @@ def digits_report(config: ml_collections.ConfigDict, workdir: str, ema_params: A
     report["num_samples"] = len(labels)
     report["sampling_and_scoring_s"] = time.perf_counter() - started
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "quality_report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        paths.write_text(os.path.join(workdir, "quality_report.json"), json.dumps(report, indent=2))
     runtime.say("quality report: " + json.dumps(report))
     return report

@@ -1,9 +1,11 @@
 """Training metrics: on-device aggregation (clu.metrics), writers (TensorBoard, JSON lines),
-a console progress line, and sample image grids. Only process 0 writes anything.
+a console progress line, and sample image grids. Only process 0 writes anything, into a local
+or ``gs://`` workdir.
 """
 
 # No `from __future__ import annotations`: clu.metrics.Collection reads its fields' annotations
 # as metric classes, which postponed (string) annotations would break.
+import io
 import json
 import os
 import time
@@ -14,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics
+from etils import epath
 from PIL import Image
 
-from tread_jax import pixels
+from tread_jax import paths, pixels
 
 NO_BAD_STEP = np.iinfo(np.int32).max
 
@@ -74,7 +77,10 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+
+        # Event files in a bucket go through gcsfs like every other file of the run.
+        record_writer.register_writer_factory("gs", _BucketEventFiles())
 
         jsonl_path = os.path.join(workdir, "metrics.jsonl")
         purge_step = None
@@ -89,15 +95,14 @@ class MetricWriter:
             filename_suffix=f".{time.time_ns()}",
         )
         # Appending keeps the history of a resumed run in one file.
-        self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+        self._jsonl = JsonLines(jsonl_path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         for name, value in scalars.items():
             self._tensorboard.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Images (uint8 ``[H, W, C]`` with C = 1 or 3, or ``[H, W]`` gray, e.g.
@@ -119,30 +124,78 @@ class MetricWriter:
             self._jsonl.close()
 
 
+class _BucketEventFile:
+    """A tensorboardX event file on Cloud Storage: kept in memory and uploaded whole at each
+    flush, since an object cannot be appended to."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._content = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self._content.write(data)
+
+    def flush(self) -> None:
+        paths.write_bytes(self._path, self._content.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for ``gs://`` log directories."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # a bucket has no folders to create
+
+
+class JsonLines:
+    """Appends lines to a file. A Cloud Storage object cannot be appended to: there the lines
+    are kept and the object is uploaded whole after each line (metrics files stay small)."""
+
+    def __init__(self, path: str):
+        self._path = path
+        if paths.is_remote(path):
+            self._file = None
+            self._text = epath.Path(path).read_text() if epath.Path(path).exists() else ""
+        else:
+            self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, line: str) -> None:
+        if self._file is None:
+            self._text += line + "\n"
+            paths.write_text(self._path, self._text)
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 def _truncate_jsonl(path: str, last_step: int) -> None:
     """Keeps the records of ``path`` up to ``last_step``, replacing the file atomically.
 
-    A line that does not parse (cut short by a kill mid-write) is dropped too. The kept lines go
-    to a temporary file that is then renamed over the original, so a crash here leaves either
-    the old file or the new one, never a half-written one.
+    A line that does not parse (cut short by a kill mid-write) is dropped too. The file is
+    replaced whole (``paths.write_text``), so a crash here leaves either the old file or the
+    new one, never a half-written one.
     """
-    if not os.path.exists(path):
+    source = epath.Path(path)
+    if not source.exists():
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record["step"] <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    for line in source.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= last_step:
+            kept.append(line + "\n")
+    paths.write_text(path, "".join(kept))
 
 
 def format_duration(seconds: float) -> str:
@@ -218,17 +271,22 @@ def save_class_grids(
     """
     if jax.process_index() != 0:
         return []
-    os.makedirs(directory, exist_ok=True)
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
     images, labels = np.asarray(images), np.asarray(labels)
     classes = np.unique(labels)
     per_class = len(labels) // len(classes)
     scale = _readable_scale(images)
-    paths = [os.path.join(directory, f"{prefix}.png")]
-    class_grid(images, labels).save(paths[0])
+    written = [os.path.join(directory, f"{prefix}.png")]
+    _save_png(class_grid(images, labels), written[0])
     if per_class_files:
         columns = int(np.ceil(np.sqrt(per_class)))
         for k in classes:
             path = os.path.join(directory, f"{prefix}_class{int(k)}.png")
-            image_grid(images[labels == k], columns, scale=scale).save(path)
-            paths.append(path)
-    return paths
+            _save_png(image_grid(images[labels == k], columns, scale=scale), path)
+            written.append(path)
+    return written
+
+
+def _save_png(picture: Image.Image, path: str) -> None:
+    with epath.Path(path).open("wb") as f:
+        picture.save(f, format="PNG")

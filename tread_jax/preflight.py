@@ -2,7 +2,8 @@
 
 Training a large model spends minutes compiling and loading before the first step; a typo in
 the config should not cost that. ``check`` raises ValueError (bad config), FileNotFoundError
-(missing dataset) or PermissionError (unusable workdir).
+(missing dataset) or PermissionError (unusable workdir: a local folder, or a ``gs://`` bucket
+that is missing or that this machine's credentials cannot write to).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import uuid
 
 import jax
 import ml_collections
+from etils import epath
 
-from tread_jax import checkpoint, data, diffusion, models, pretrained, routing, sharding, train_state
+from tread_jax import checkpoint, data, diffusion, models, paths, pretrained, routing, sharding, train_state
 
 
 def model_settings(model_config: ml_collections.ConfigDict) -> dict:
@@ -24,26 +27,64 @@ def model_settings(model_config: ml_collections.ConfigDict) -> dict:
     return kwargs
 
 
-def check_local_path(path: str, what: str) -> None:
-    """ValueError for a URL such as gs://bucket/run: every writer here uses the local file
-    system, which would quietly create a folder named "gs:" on the VM's disk instead."""
-    if "://" in path:
-        raise ValueError(
-            f"{what} {path!r} is a URL; tread_jax reads and writes local paths: mount the bucket "
-            "(gcsfuse; launch/tpu_pod.sh --gcs-bucket does it on every worker) and pass the mount path"
-        )
-
-
 def check_workdir(workdir: str) -> None:
-    """The workdir is a local path that exists or can be created, and this process can write
-    files into it."""
-    check_local_path(workdir, "workdir")
+    """The workdir exists or can be created, and this process can write files into it. For a
+    ``gs://`` workdir: the bucket is reachable with this machine's credentials and writable."""
+    if paths.is_remote(workdir):
+        check_bucket(workdir)
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe_"):
             pass
     except OSError as error:
         raise PermissionError(f"workdir {workdir!r} is not writable: {error.strerror or error}") from None
+
+
+def check_bucket(workdir: str) -> None:
+    """Writes and deletes a probe object under ``workdir``; PermissionError naming the bucket and
+    the problem (missing bucket, no or insufficient credentials, unreachable) otherwise."""
+    probe = epath.Path(workdir) / f".write_probe_{uuid.uuid4().hex}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except Exception as error:  # noqa: BLE001 - gcsfs and google-auth raise many kinds; all mean "unusable"
+        raise PermissionError(
+            f"workdir {workdir!r}: bucket {paths.bucket(workdir)!r} is not writable from this machine: "
+            f"{_storage_problem(error)}"
+        ) from None
+
+
+def _saved_steps(workdir: str, what: str) -> list[int]:
+    """``checkpoint.saved_steps``; for a bucket that cannot be listed, PermissionError naming it
+    and the problem (nothing is written: an ``init_from`` run is only read)."""
+    try:
+        return checkpoint.saved_steps(workdir)
+    except Exception as error:  # noqa: BLE001 - gcsfs and google-auth raise many kinds
+        if not paths.is_remote(workdir):
+            raise
+        raise PermissionError(
+            f"{what} {workdir!r}: bucket {paths.bucket(workdir)!r} cannot be read from this machine: "
+            f"{_storage_problem(error)}"
+        ) from None
+
+
+def _storage_problem(error: Exception) -> str:
+    """One line saying what went wrong talking to Cloud Storage, and what to check."""
+    detail = " ".join(str(error).split())[:300] or type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        return f"the bucket does not exist or these credentials cannot see it ({detail})"
+    if "credential" in type(error).__module__ or "credential" in detail.lower() or "token" in detail.lower():
+        return (f"no usable credentials ({type(error).__name__}: {detail}); on a VM give its service "
+                "account storage access, elsewhere run `gcloud auth application-default login`")
+    code = getattr(error, "code", None)
+    if code == 401:
+        return f"not authenticated ({detail}): no usable credentials were found"
+    if code == 403:
+        return f"access denied ({detail}); the credentials need storage.objects.create on the bucket"
+    if isinstance(error, OSError):  # aiohttp's connection errors are OSErrors too
+        return f"Cloud Storage is not reachable ({type(error).__name__}: {detail})"
+    return f"{type(error).__name__}: {detail}"
 
 
 # Every count and interval the trainer reads, with what it counts. A positive field divides or
@@ -164,12 +205,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
             f"optim.decay_steps ({decay_steps}) is below num_train_steps ({config.num_train_steps}): the "
             "learning rate would stay 0 after it; change both (or decay_steps=0 for a constant rate)"
         )
-    check_local_path(workdir, "workdir")
     # A fine-tune starts from another run's checkpoint, needed only while this run has none.
     init_from = config.get("init_from", "")
     if init_from and not pretrained.is_diffusers_source(init_from):
-        check_local_path(init_from, "init_from")
-        if not checkpoint.saved_steps(workdir) and not checkpoint.saved_steps(init_from):
+        if not _saved_steps(workdir, "workdir") and not _saved_steps(init_from, "init_from"):
             raise FileNotFoundError(
                 f"init_from {init_from!r} holds no checkpoint (looked in {checkpoint.checkpoint_dir(init_from)})"
             )
@@ -185,7 +224,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> data.DatasetInfo:
         )
     # A diffusers DiT to start from, needed only to start: after the cheap checks, since a hub id
     # is fetched here (gigabytes).
-    if pretrained.is_diffusers_source(init_from) and not checkpoint.saved_steps(workdir):
+    if pretrained.is_diffusers_source(init_from) and not _saved_steps(workdir, "workdir"):
         pretrained.resolve(init_from)
     check_workdir(workdir)
     return info

@@ -2,17 +2,20 @@
 
 The trace (``plugins/profile/<run>/*.xplane.pb`` for TensorBoard's profile plugin, and
 ``perfetto_trace.json.gz`` for https://ui.perfetto.dev) starts a few calls after the loop's
-first, so that neither compilation nor the first dispatches are in it.
+first, so that neither compilation nor the first dispatches are in it. jax's profiler writes to
+the local file system: for a ``gs://`` workdir the trace goes to a local folder first and is
+uploaded when it ends.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
 
-from tread_jax import runtime
+from tread_jax import paths, runtime
 
 # Calls of the train step before the trace starts: the first runs a freshly loaded executable.
 WARMUP_CALLS = 2
@@ -24,6 +27,9 @@ class StepProfiler:
 
     def __init__(self, workdir: str, *, num_steps: int, start_step: int, steps_per_call: int):
         self.directory = os.path.join(workdir, "profile")
+        self._trace_directory = self.directory
+        if num_steps and paths.is_remote(workdir):
+            self._trace_directory = tempfile.mkdtemp(prefix="tread_jax_profile_")
         self._first = start_step + WARMUP_CALLS * steps_per_call if num_steps else None
         self._end = (self._first or 0) + num_steps
         self._tracing = False
@@ -31,7 +37,7 @@ class StepProfiler:
     def before(self, step: int) -> None:
         """``step``: the steps done before this call."""
         if step == self._first:
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            jax.profiler.start_trace(self._trace_directory, create_perfetto_trace=True)
             self._tracing = True
 
     def after(self, done: int, state: Any) -> None:
@@ -47,3 +53,5 @@ class StepProfiler:
         if self._tracing:
             jax.profiler.stop_trace()
             self._tracing = False
+            if self._trace_directory != self.directory:
+                paths.upload_tree(self._trace_directory, self.directory)

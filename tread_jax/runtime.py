@@ -17,14 +17,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental.compilation_cache import compilation_cache
 
+from tread_jax import paths
+
 _COMPILE_BARRIER_S = 3600
 # Programs that compile faster than this are not cached: reading an entry costs about as much.
 _CACHE_MIN_COMPILE_S = 0.2
 
 
 def enable_compilation_cache(directory: str, workdir: str) -> None:
-    """Turns on jax's persistent compilation cache in ``directory`` (relative to ``workdir``;
-    "" = off) unless this process already has one (``JAX_COMPILATION_CACHE_DIR``, or an earlier
+    """Turns on jax's persistent compilation cache in ``directory`` (relative to ``workdir``,
+    or a ``gs://`` URL; "" = off) unless this process already has one (``JAX_COMPILATION_CACHE_DIR``, or an earlier
     run in the same process, wins).
 
     A job that restarts after a preemption then loads its compiled programs instead of
@@ -32,7 +34,8 @@ def enable_compilation_cache(directory: str, workdir: str) -> None:
     """
     if jax.config.jax_compilation_cache_dir or not directory:
         return
-    directory = os.path.join(os.path.abspath(workdir), directory)
+    if not paths.is_remote(directory):
+        directory = os.path.join(paths.absolute(workdir), directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_S)
     # jax decides once per process whether to use a cache, at its first compilation (an eager

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from etils import epath
 
 from tread_jax import data, diffusion, preflight, pretrained, runtime, sharding, train_state, workdir as workdir_lib
 from tread_jax.checkpoint import Checkpointer
@@ -63,8 +64,7 @@ def _write_parameter_overview(workdir: str, params: Any) -> None:
         return
     overview = parameter_overview.get_parameter_overview(jax.tree.map(runtime.to_host, params), include_stats=False)
     logging.info("parameters:\n%s", overview)
-    with open(os.path.join(workdir, "parameter_overview.txt"), "w", encoding="utf-8") as f:
-        f.write(overview + "\n")
+    (epath.Path(workdir) / "parameter_overview.txt").write_text(overview + "\n")
     num_params = sum(x.size for x in jax.tree.leaves(params))
     runtime.say(f"{num_params:,} parameters (overview in {workdir}/parameter_overview.txt)")
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from tread_jax import data
+from tread_jax import data, paths
 from tread_jax.data import latents
 
 DATASET_FILE = "dataset.json"
@@ -37,19 +38,15 @@ def record_dataset(workdir: str, info: data.DatasetInfo, data_config: ml_collect
     """Writes ``<workdir>/dataset.json`` (process 0; replaced atomically)."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, DATASET_FILE)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(dataset_record(info, data_config), f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    paths.write_text(os.path.join(workdir, DATASET_FILE), json.dumps(dataset_record(info, data_config), indent=2))
 
 
 def recorded_dataset(workdir: str) -> data.DatasetInfo | None:
     """The DatasetInfo recorded in ``workdir``; None for a workdir written before it was recorded."""
-    path = os.path.join(workdir, DATASET_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / DATASET_FILE
+    if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = json.loads(path.read_text())
     fields = {f.name for f in dataclasses.fields(data.DatasetInfo)}
     values = {k: v for k, v in record.items() if k in fields}
     values["image_shape"] = tuple(values["image_shape"])

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import abc
 import functools
+import io
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,10 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from scipy import special
 
-from tread_jax import pixels, runtime, sharding
+from tread_jax import paths, pixels, runtime, sharding
 from tread_jax.metrics import fid
 
 DEFAULT_PR_SAMPLES = 10_000  # ADM's reference batches hold 10K images; 10K x 2048 f32 = 80 MB
@@ -442,18 +443,18 @@ def global_array(values: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
 
 def _write_progress(path: str, next_index: int, fingerprint: Mapping[str, Any],
                     accs: Accumulators) -> None:
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, next_index=np.asarray(next_index, np.int64),
+    content = io.BytesIO()
+    np.savez(content, next_index=np.asarray(next_index, np.int64),
              fingerprint=np.asarray(json.dumps(fingerprint, sort_keys=True)),
              **accumulators_state(accs))
-    os.replace(tmp, path)  # atomic: an interruption leaves the previous progress intact
+    paths.write_bytes(path, content.getvalue())  # atomic: an interruption leaves the previous progress intact
 
 
 def _read_progress(path: str, fingerprint: Mapping[str, Any], accs: Accumulators) -> int:
     """Loads saved accumulators into ``accs`` and returns the next sample index (0 if none)."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return 0
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as saved:
         saved_fingerprint = json.loads(str(saved["fingerprint"]))
         expected = json.loads(json.dumps(fingerprint, sort_keys=True))
         if saved_fingerprint != expected:

@@ -15,11 +15,15 @@ the same from an ADM batch of uint8 images (e.g. ``VIRTUAL_imagenet256_labeled.n
 
 Note: for a latent dataset the images are VAE reconstructions of the originals, so their
 statistics differ from ADM's reference batch; use that batch for numbers comparable to papers.
+
+``--output`` and the cache of computed statistics may be ``gs://`` URLs; the image batches read
+(``--adm_images``, an evaluation's ``--reference``) are local files (a gcsfuse mount works).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import zipfile
 from collections.abc import Callable
@@ -28,9 +32,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from tread_jax import cli, sharding
+from tread_jax import cli, paths, sharding
 from tread_jax.data import pipeline
 from tread_jax.metrics import evaluator, fid
 
@@ -98,9 +103,10 @@ def write_reference(path: str | os.PathLike, stats: fid.ReferenceStatistics,
                     pr_features: np.ndarray | None) -> None:
     """ADM-format statistics, plus ``pr_features`` when given (process 0 writes)."""
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         extra = {PR_FEATURES: pr_features} if pr_features is not None else None
-        fid.write_adm_npz(path, stats=stats, extra=extra)
+        content = io.BytesIO()
+        fid.write_adm_npz(content, stats=stats, extra=extra)
+        paths.write_bytes(paths.absolute(path), content.getvalue())
 
 
 def _members(path: str | os.PathLike) -> set[str]:
@@ -135,15 +141,16 @@ def load_reference(path: str | os.PathLike, model: Any, *, mesh: jax.sharding.Me
         key = hashlib.sha256(repr((path, info.st_size, info.st_mtime_ns, pr_samples,
                                    getattr(model, "preprocessing", None))).encode()).hexdigest()[:16]
         cache = os.path.join(cache_dir, f"{os.path.basename(path)[:-len('.npz')]}-{key}.npz")
-        if not os.path.exists(cache):
+        if not epath.Path(cache).exists():
             images_fn, count = adm_images_fn(path, global_batch_size, mesh)
             extractor = evaluator.InceptionExtractor(model, pr_samples=pr_samples)
             computed, pr = compute_reference(images_fn, count, extractor, mesh, global_batch_size)
             write_reference(cache, computed, pr)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("tread_jax_reference_cache")
-        stats = stats or fid.read_adm_statistics(cache)
-        with np.load(cache) as data:
+        cached = epath.Path(cache).read_bytes()
+        stats = stats or fid.read_adm_statistics(io.BytesIO(cached))
+        with np.load(io.BytesIO(cached)) as data:
             features = data[PR_FEATURES]
     return stats, features
 
