@@ -13,15 +13,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from clu import metrics as clu_metrics
 
 from tread_jax import diffusion, routing, sharding, train_state
 from tread_jax.data import latents
+from tread_jax.diffusion import repa
 from tread_jax.logging_utils import TrainMetrics
 from tread_jax.model_builder import ModelBuilder
 
 TrainStep = Callable[[train_state.TrainState, dict[str, jax.Array]], tuple[train_state.TrainState, TrainMetrics]]
 TrainCall = Callable[[train_state.TrainState, dict[str, jax.Array], TrainMetrics],
                      tuple[train_state.TrainState, TrainMetrics]]
+
+
+# The batch entry holding the clean images REPA's encoder sees (uint8 RGB, NHWC).
+REPA_IMAGE_KEY = "repa_image"
+# Encoder features of clean images in [-1, 1]: ``[B, H, W, 3] -> [B, tokens, D]``.
+Encoder = Callable[[jax.Array], jax.Array]
+
+
+# ``TrainMetrics`` plus REPA's alignment loss (``loss`` stays the denoising loss alone). Built by
+# ``create``: a clu Collection reads its metrics from its own class annotations only.
+RepaTrainMetrics = clu_metrics.Collection.create(
+    **TrainMetrics.__annotations__, alignment_loss=clu_metrics.Average.from_output("alignment_loss"))
+
+
+def metrics_type(config: ml_collections.ConfigDict) -> type[clu_metrics.Collection]:
+    """What the train step of ``config`` reports."""
+    return RepaTrainMetrics if config.get("repa") is not None and config.repa.enabled else TrainMetrics
 
 
 def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
@@ -58,15 +77,29 @@ def make_train_step(
     objective: diffusion.Objective,
     tx: optax.GradientTransformation,
     routes: tuple[routing.Route, ...],
+    encoder: Encoder | None = None,
 ) -> TrainStep:
     """``step(state, batch) -> (state, metrics)``, pure, for ``jax.jit``.
 
     The metrics record the first step whose loss, gradient or new state (parameters, EMA,
     optimizer moments) is not finite, so that the loop never saves such a state.
+
+    With ``config.repa.enabled`` the loss adds REPA's alignment of the model's projected tokens
+    after block ``config.repa.depth`` (the kept ones under routing, at their original
+    positions) with ``encoder``'s features of the batch's clean images (``REPA_IMAGE_KEY``),
+    computed without gradient.
     """
     base_key = jax.random.key(config.seed)
     schedule = train_state.learning_rate_schedule(config.optim)
     route_loss = config.route_loss
+    repa_config = model.repa
+    if repa_config is not None:
+        if encoder is None:
+            raise ValueError("config.repa is enabled: the train step needs the REPA encoder")
+        if not 1 <= repa_config.depth <= model.abstract_model.depth:
+            raise ValueError(f"config.repa.depth must be a block of 1..{model.abstract_model.depth} "
+                             f"(1-based), got {repa_config.depth}")
+    metrics_cls = metrics_type(config)
 
     def step_fn(state: train_state.TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(base_key, state.step)
@@ -80,18 +113,42 @@ def make_train_step(
                                  num_tokens=model.abstract_model.num_tokens(*x.shape[1:3]),
                                  keep_order=model.abstract_model.keep_order)
 
-        def loss_fn(params: Any) -> jax.Array:
+        features = None
+        if repa_config is not None:
+            if REPA_IMAGE_KEY not in batch:
+                raise ValueError(f"config.repa is enabled but the batch has no {REPA_IMAGE_KEY!r} (clean images)")
+            features = encoder(repa.images_from_uint8(batch[REPA_IMAGE_KEY]))
+            if features.shape[1] != plan.num_tokens:
+                raise ValueError(f"the REPA encoder gives {features.shape[1]} tokens per image, the model "
+                                 f"{plan.num_tokens}: their grids must match (encoder_image_size)")
+
+        def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            """The loss to differentiate, and the losses to report."""
             network = model.bind(params)
+            hooked = []  # the REPA tokens of the (one) forward pass
 
             def net(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array) -> jax.Array:
-                return network(x, noise_labels, class_labels, route_plan=plan)
+                if repa_config is None:
+                    return network(x, noise_labels, class_labels, route_plan=plan)
+                out, tokens = network(x, noise_labels, class_labels, route_plan=plan, repa_depth=repa_config.depth)
+                hooked.append(tokens)
+                return out
 
             per_element = objective.loss(net, x, labels, loss_key)
             if not route_loss.enabled:
-                return per_element.mean()
-            return kept_token_loss(per_element, plan, model.patch_size, route_loss.mae_coef)
+                loss = per_element.mean()
+            else:
+                loss = kept_token_loss(per_element, plan, model.patch_size, route_loss.mae_coef)
+            if repa_config is None:
+                return loss, {"loss": loss}
+            if len(hooked) != 1:
+                raise ValueError(f"REPA needs one forward pass per step, the objective ran {len(hooked)}")
+            alignment = repa.alignment_loss(network.repa_projector(hooked[0]), features,
+                                            repa.aligned_positions(plan, repa_config.depth), coef=repa_config.coef)
+            return loss + alignment, {"loss": loss, "alignment_loss": alignment}
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        # ``losses``: what the metrics report (the denoising loss, and REPA's alignment loss).
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
@@ -100,8 +157,8 @@ def make_train_step(
             opt_state=opt_state,
             ema_params=train_state.ema_update(state.ema_params, params, config.ema_decay),
         )
-        step_metrics = TrainMetrics.single_from_model_output(
-            loss=loss,
+        step_metrics = metrics_cls.single_from_model_output(
+            **losses,
             grad_norm=optax.tree.norm(grads),
             learning_rate=schedule(state.step),
             step=state.step + 1,

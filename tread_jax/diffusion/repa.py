@@ -17,13 +17,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tread_jax.models.dinov2 import DinoV2, normalize_imagenet, resize_bicubic
+import os
+from pathlib import Path
+
+from tread_jax.models.dinov2 import CONFIG_FILE, DINOV2_REPOS, DinoV2, normalize_imagenet, read_config, resize_bicubic
 from tread_jax.models.layers import dense
 from tread_jax.routing import RoutePlan, gather_tokens
 
 # REPA's defaults: projector width and loss weight (train.py --projector-dim, --proj-coeff).
 PROJECTOR_WIDTH = 2048
 COEF = 0.5
+# Feature widths of the published DINOv2 models (their config.json ``hidden_size``): the projector
+# is built from these without reading the weights (sampling a REPA-trained model needs no encoder).
+_WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024}
 # torch.nn.functional.normalize's floor on the norm.
 _NORM_EPS = 1e-12
 
@@ -106,3 +112,20 @@ def encoder_features(encoder: DinoV2, images: jax.Array) -> jax.Array:
     if x.shape[1] != encoder.image_size or x.shape[2] != encoder.image_size:
         x = resize_bicubic(x, encoder.image_size)
     return jax.lax.stop_gradient(encoder(x))
+
+
+def encoder_width(encoder: str | os.PathLike) -> int:
+    """Feature width of a DINOv2 short name (``dinov2.DINOV2_REPOS``) or a local DINOv2 folder."""
+    name = str(encoder)
+    if name in DINOV2_REPOS:
+        return _WIDTHS[name.split("-")[1]]
+    config = Path(name).expanduser() / CONFIG_FILE
+    if not config.is_file():
+        raise ValueError(f"REPA encoder {name!r} is neither one of {sorted(DINOV2_REPOS)} nor a folder with "
+                         f"{CONFIG_FILE}")
+    return read_config(config).hidden_size
+
+
+def images_from_uint8(pixels: jax.Array) -> jax.Array:
+    """Stored ``uint8`` RGB images -> float32 in [-1, 1], the range ``encoder_features`` takes."""
+    return pixels.astype(jnp.float32) / 127.5 - 1.0
