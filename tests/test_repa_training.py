@@ -9,6 +9,7 @@ from flax import nnx
 
 import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, models, routing, train_state
+from tread_jax.data import latents
 from tread_jax.diffusion import repa
 from tread_jax.models.layers import sincos_pos_embed_2d
 from tread_jax.train_step import REPA_IMAGE_KEY, RepaTrainMetrics, make_train_step
@@ -103,11 +104,13 @@ def _config(routed: bool, depth: int) -> ml_collections.ConfigDict:
     return config
 
 
-def _encoder(images: jax.Array) -> jax.Array:
+ENCODER_WEIGHTS = jax.random.normal(jax.random.key(7), (12, ENCODER_WIDTH))
+
+
+def _encoder(weights: jax.Array, images: jax.Array) -> jax.Array:
     """A fixed map of clean images to features on the model's 4x4 token grid (any encoder will
     do here: what is tested is where its features are compared)."""
     patches = images.reshape(-1, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 16, 12)
-    weights = jax.random.normal(jax.random.key(7), (12, ENCODER_WIDTH))
     return jnp.tanh(patches @ weights)
 
 
@@ -141,8 +144,8 @@ def test_train_step_aligns_the_kept_tokens_at_their_positions(routed, depth):
     objective = _Recording(diffusion.create_objective(config.diffusion))
     routes = routing.parse_routes(config.routes)
     step = make_train_step(config, builder, objective, tx, routes, encoder=_encoder)
-    after, metrics = step(state, batch)  # eagerly, so the recorded inputs are concrete
-    assert isinstance(metrics, RepaTrainMetrics)
+    after, metrics = step(state, batch, ENCODER_WEIGHTS)  # eagerly, so the recorded inputs are concrete
+    assert isinstance(metrics, RepaTrainMetrics) and set(metrics.compute()) >= {"loss", "alignment_loss"}
 
     (x_t, noise_labels, labels), = objective.seen
     route_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0), 3)[2]
@@ -150,7 +153,7 @@ def test_train_step_aligns_the_kept_tokens_at_their_positions(routed, depth):
     model = builder.bind(state.params)
     kept = plan.kept[0] if routed else None
     tokens = _reference_tokens(model, x_t, noise_labels, labels, depth, routes, kept)
-    features = np.asarray(_encoder(jnp.asarray(batch[REPA_IMAGE_KEY], jnp.float32) / 127.5 - 1))
+    features = np.asarray(_encoder(ENCODER_WEIGHTS, jnp.asarray(batch[REPA_IMAGE_KEY], jnp.float32) / 127.5 - 1))
     projected = np.asarray(model.repa_projector(jnp.asarray(tokens)))
     cosines = []
     for b in range(4):
@@ -180,3 +183,159 @@ def test_repa_config_errors():
         make_train_step(_config(False, 2), builder, objective, tx, ())
     with pytest.raises(ValueError, match="neither one of"):
         repa.encoder_width("/nonexistent/encoder")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stored images and the trainer end to end: a tiny latent dataset prepared with --store_images
+# from JPEG crops of scikit-image photos, a random tiny SD VAE and a random tiny DINOv2 saved in
+# the published file layout.
+
+RESOLUTION = 64  # 8x8x4 latents: a 4x4 token grid at patch 2
+PHOTOS = {"n01000001": ("astronaut", [(0, 0, 200, 150), (100, 120, 90, 160)]),
+          "n01000002": ("coffee", [(10, 20, 301, 457), (150, 300, 120, 80)])}
+
+
+def _tree(root, photos):
+    from PIL import Image
+    from skimage import data as skdata
+
+    paths = []
+    for wnid, (photo, boxes) in sorted(photos.items()):
+        (root / "train" / wnid).mkdir(parents=True)
+        pixels = getattr(skdata, photo)()
+        for i, (top, left, h, w) in enumerate(boxes):
+            path = root / "train" / wnid / f"img_{i}.JPEG"
+            Image.fromarray(pixels[top:top + h, left:left + w]).save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    import torch
+    from diffusers import AutoencoderKL
+    from test_latents import TINY_VAE
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, vae_dir):
+    from tread_jax.data import prepare_latents
+
+    root = tmp_path_factory.mktemp("imagenet")
+    paths = _tree(root, PHOTOS)
+    out = tmp_path_factory.mktemp("tfds")
+    summary = prepare_latents.prepare(source="folder", data_dir=str(root), vae=str(vae_dir), resolution=RESOLUTION,
+                                      output_dir=str(out), batch_size=2, shard_size=2, num_workers=2,
+                                      store_images=True)
+    assert summary.complete
+    return dict(root=root, paths=paths, out=out, dataset_dir=summary.dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    """A random tiny DINOv2 (patch 14: a 4x4 grid at 56 px) saved as transformers saves one."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=56, patch_size=14))
+    folder = tmp_path_factory.mktemp("dinov2")
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    return folder
+
+
+def _latent_config(out):
+    config = data.default_config()
+    config.name, config.data_dir, config.in_memory = latents.dataset_name(RESOLUTION), str(out), False
+    return config
+
+
+def test_prepared_records_store_the_crops_and_mirrors_losslessly(stored, vae_dir):
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    from tread_jax.data import imagenet, prepare_latents
+
+    source = tfds.builder_from_directory(stored["dataset_dir"]).as_data_source(split="train")
+    records = [source[i] for i in range(len(source))]
+    crops = [imagenet.center_crop_arr(Image.open(p).convert("RGB"), RESOLUTION) for p in stored["paths"]]
+    assert len(records) == 2 * len(crops)
+    for i, crop in enumerate(crops):  # each image, then its mirror, as the latents are stored
+        np.testing.assert_array_equal(latents.decode_images([records[2 * i][latents.IMAGE_FEATURE]])[0], crop)
+        np.testing.assert_array_equal(latents.decode_images([records[2 * i + 1][latents.IMAGE_FEATURE]])[0],
+                                      crop[:, ::-1])
+
+    # The pipeline hands them out only when asked, each with its own record's latents.
+    config = _latent_config(stored["out"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.DATASETS, config.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
+        plain = next(data.create_train_iterator(config, global_batch_size=8, seed=0, process_index=0,
+                                                process_count=1))
+        batch = next(data.create_train_iterator(config, global_batch_size=8, seed=0, process_index=0,
+                                                process_count=1, repa_images=True))
+    assert sorted(plain) == ["image", "image_std", "label"]
+    assert batch[latents.IMAGE_FEATURE].dtype == np.uint8
+    means = [latents.SCALE * r["mean"].astype(np.float32) for r in records]
+    for row in range(8):
+        match = [k for k, m in enumerate(means) if np.array_equal(m, batch["image"][row])]
+        assert len(match) == 1
+        want = latents.decode_images([records[match[0]][latents.IMAGE_FEATURE]])[0]
+        np.testing.assert_array_equal(batch[latents.IMAGE_FEATURE][row], want)
+
+    # Resuming with the other setting is refused before any work.
+    with pytest.raises(ValueError, match="store_images"):
+        prepare_latents.prepare(source="folder", data_dir=str(stored["root"]), vae=str(vae_dir),
+                                resolution=RESOLUTION, output_dir=str(stored["out"]), batch_size=2, shard_size=2)
+
+
+def test_latents_without_images_say_how_to_prepare_them(tmp_path, vae_dir):
+    from tread_jax.data import prepare_latents
+
+    root = tmp_path / "imagenet"
+    _tree(root, {"n01000001": ("astronaut", [(0, 0, 200, 150)])})
+    prepare_latents.prepare(source="folder", data_dir=str(root), vae=str(vae_dir), resolution=RESOLUTION,
+                            output_dir=str(tmp_path / "tfds"), batch_size=2, shard_size=2)
+    config = _latent_config(tmp_path / "tfds")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.DATASETS, config.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
+        with pytest.raises(ValueError, match=r"has none: prepare the latents with: python -m "
+                                             r"tread_jax.data.prepare_latents .* --store_images"):
+            data.create_train_iterator(config, global_batch_size=2, seed=0, process_index=0, process_count=1,
+                                       repa_images=True)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_dir, tmp_path, routed):
+    import json
+
+    from tread_jax import train
+
+    config = tl.load_config(tl.REPO / "configs" / "imagenet256.py", "dit_s2_tread")
+    config.model.overrides = dict(depth=4, hidden_size=32, num_heads=2)
+    config.model.compute_dtype = "float32"
+    config.routes = [dict(start=1, end=2, ratio=0.5)] if routed else []
+    config.repa = ml_collections.ConfigDict(dict(
+        enabled=True, encoder=str(dinov2_dir), depth=2, coef=0.5, projector_width=32, encoder_image_size=56,
+        encoder_dtype="float32"))
+    config.data.name, config.data.data_dir = latents.dataset_name(RESOLUTION), str(stored["out"])
+    config.data.num_threads = 1
+    config.global_batch_size, config.num_train_steps = 8, 40
+    config.optim.learning_rate = 1e-3
+    config.log_every, config.checkpoint_every = 5, 40
+    config.sample.every, config.eval.every, config.eval.report = 0, 0, ""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.DATASETS, config.data.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
+        result = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert result["step"] == 40
+    records = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    alignment = [r["alignment_loss"] for r in records]
+    assert len(alignment) == 8 and all(np.isfinite(alignment)) and all(np.isfinite(r["loss"]) for r in records)
+    # -coef * cosine: near 0 for a fresh projector, towards -coef as the tokens align.
+    assert -0.5 <= min(alignment) and alignment[-1] < alignment[0] - 0.1, alignment

@@ -6,6 +6,7 @@ resumed run draws exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +28,10 @@ TrainCall = Callable[[train_state.TrainState, dict[str, jax.Array], TrainMetrics
 
 
 # The batch entry holding the clean images REPA's encoder sees (uint8 RGB, NHWC).
-REPA_IMAGE_KEY = "repa_image"
-# Encoder features of clean images in [-1, 1]: ``[B, H, W, 3] -> [B, tokens, D]``.
-Encoder = Callable[[jax.Array], jax.Array]
+REPA_IMAGE_KEY = latents.IMAGE_FEATURE
+# ``encoder(weights, images)``: features ``[B, tokens, D]`` of clean images ``[B, H, W, 3]`` in
+# [-1, 1] (``repa.load_encoder``); the weights are an argument of the step, not constants in it.
+Encoder = Callable[[Any, jax.Array], jax.Array]
 
 
 # ``TrainMetrics`` plus REPA's alignment loss (``loss`` stays the denoising loss alone). Built by
@@ -87,7 +89,7 @@ def make_train_step(
     With ``config.repa.enabled`` the loss adds REPA's alignment of the model's projected tokens
     after block ``config.repa.depth`` (the kept ones under routing, at their original
     positions) with ``encoder``'s features of the batch's clean images (``REPA_IMAGE_KEY``),
-    computed without gradient.
+    computed without gradient; the step then takes the encoder's weights as a third argument.
     """
     base_key = jax.random.key(config.seed)
     schedule = train_state.learning_rate_schedule(config.optim)
@@ -101,7 +103,7 @@ def make_train_step(
                              f"(1-based), got {repa_config.depth}")
     metrics_cls = metrics_type(config)
 
-    def step_fn(state: train_state.TrainState, batch: dict[str, jax.Array]):
+    def step_fn(state: train_state.TrainState, batch: dict[str, jax.Array], encoder_weights: Any = None):
         key = jax.random.fold_in(base_key, state.step)
         label_key, loss_key, route_key = jax.random.split(key, 3)
         labels = diffusion.drop_labels(label_key, batch["label"], config.label_dropout, model.num_classes)
@@ -117,7 +119,7 @@ def make_train_step(
         if repa_config is not None:
             if REPA_IMAGE_KEY not in batch:
                 raise ValueError(f"config.repa is enabled but the batch has no {REPA_IMAGE_KEY!r} (clean images)")
-            features = encoder(repa.images_from_uint8(batch[REPA_IMAGE_KEY]))
+            features = encoder(encoder_weights, repa.images_from_uint8(batch[REPA_IMAGE_KEY]))
             if features.shape[1] != plan.num_tokens:
                 raise ValueError(f"the REPA encoder gives {features.shape[1]} tokens per image, the model "
                                  f"{plan.num_tokens}: their grids must match (encoder_image_size)")
@@ -171,22 +173,24 @@ def make_train_step(
 
 
 def make_train_call(step_fn: TrainStep, steps_per_call: int) -> TrainCall:
-    """``call(state, batches, metrics) -> (state, metrics)``: ``steps_per_call`` steps per call,
-    their metrics merged into ``metrics`` on the devices (the loop fetches them only to log).
+    """``call(state, batches, metrics[, encoder_weights]) -> (state, metrics)``: ``steps_per_call``
+    steps per call, their metrics merged into ``metrics`` on the devices (the loop fetches them
+    only to log).
 
     With one step per call ``batches`` is one batch; with K it is K batches stacked on a leading
     axis, run by ``lax.scan``. Each step draws its randomness from its own step number, so K
     steps in one call compute what K calls of one step compute.
     """
 
-    def accumulate(carry: tuple[train_state.TrainState, TrainMetrics], batch: dict[str, jax.Array]):
-        state, metrics = carry
-        state, step_metrics = step_fn(state, batch)
-        merged = metrics.merge(step_metrics)
-        # The carry keeps its dtypes (a weakly typed learning rate would change the scan's carry).
-        return (state, jax.tree.map(lambda new, old: new.astype(old.dtype), merged, metrics)), None
+    def call(state: train_state.TrainState, batches: dict[str, jax.Array], metrics: TrainMetrics,
+             *encoder_weights: Any):
+        def accumulate(carry: tuple[train_state.TrainState, TrainMetrics], batch: dict[str, jax.Array]):
+            state, metrics = carry
+            state, step_metrics = step_fn(state, batch, *encoder_weights)
+            merged = metrics.merge(step_metrics)
+            # The carry keeps its dtypes (a weakly typed learning rate would change the scan's carry).
+            return (state, jax.tree.map(lambda new, old: new.astype(old.dtype), merged, metrics)), None
 
-    def call(state: train_state.TrainState, batches: dict[str, jax.Array], metrics: TrainMetrics):
         if steps_per_call == 1:
             return accumulate((state, metrics), batches)[0]
         return jax.lax.scan(accumulate, (state, metrics), batches, length=steps_per_call)[0]
@@ -194,15 +198,47 @@ def make_train_call(step_fn: TrainStep, steps_per_call: int) -> TrainCall:
     return call
 
 
+class BoundCall:
+    """A jitted call with trailing arguments bound (REPA's encoder weights: passed as arguments,
+    since closed over they would be embedded in the program as constants), which still lowers
+    and compiles like the jitted function (``runtime.compile_everywhere``)."""
+
+    def __init__(self, fn: Any, *bound: Any):
+        self.fn, self.bound = fn, bound
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args, *self.bound)
+
+    def lower(self, *args: Any) -> Any:
+        lowered = self.fn.lower(*args, *self.bound)
+        return _BoundLowered(lowered, self.bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BoundLowered:
+    lowered: Any
+    bound: tuple
+
+    def compile(self) -> BoundCall:
+        return BoundCall(self.lowered.compile(), *self.bound)
+
+
 def jit_train_call(config: ml_collections.ConfigDict, model: ModelBuilder, objective: diffusion.Objective,
                    tx: optax.GradientTransformation, routes: tuple[routing.Route, ...], mesh: jax.sharding.Mesh,
                    state_sharding: Any) -> Any:
     """The train call as the loop runs it (``config.steps_per_call`` steps), jitted with the
-    state's and the batches' shardings and with the state and the metrics donated."""
+    state's and the batches' shardings and with the state and the metrics donated. With REPA it
+    loads the encoder (``repa.load_encoder``) and binds its replicated weights to the call."""
     per_call = config.get("steps_per_call", 1)
-    return jax.jit(
-        make_train_call(make_train_step(config, model, objective, tx, routes), per_call),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked=per_call > 1), sharding.replicated(mesh)),
+    encoder, weights = None, ()
+    if model.repa is not None:
+        encoder, encoder_weights = repa.load_encoder(model.repa)
+        weights = (jax.device_put(encoder_weights, sharding.replicated(mesh)),)
+    jitted = jax.jit(
+        make_train_call(make_train_step(config, model, objective, tx, routes, encoder), per_call),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked=per_call > 1), sharding.replicated(mesh),
+                      *(sharding.replicated(mesh) for _ in weights)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0, 2),
     )
+    return BoundCall(jitted, *weights) if weights else jitted

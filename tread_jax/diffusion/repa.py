@@ -18,9 +18,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tread_jax.models.dinov2 import CONFIG_FILE, DINOV2_REPOS, DinoV2, normalize_imagenet, read_config, resize_bicubic
+import ml_collections
+
+from tread_jax.models.dinov2 import (
+    CONFIG_FILE,
+    DINOV2_REPOS,
+    DinoV2,
+    load_dinov2,
+    normalize_imagenet,
+    read_config,
+    resize_bicubic,
+)
 from tread_jax.models.layers import dense
 from tread_jax.routing import RoutePlan, gather_tokens
 
@@ -129,3 +141,18 @@ def encoder_width(encoder: str | os.PathLike) -> int:
 def images_from_uint8(pixels: jax.Array) -> jax.Array:
     """Stored ``uint8`` RGB images -> float32 in [-1, 1], the range ``encoder_features`` takes."""
     return pixels.astype(jnp.float32) / 127.5 - 1.0
+
+
+def load_encoder(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(encode, weights)`` for ``config.repa``: pure ``encode(weights, images)`` =
+    ``encoder_features`` of DINOv2 ``config.encoder`` (a short name, from the cache or downloaded,
+    or a folder) built for ``config.encoder_image_size`` inputs with the position table resized
+    with antialiasing, as REPA's timm loading does (``dinov2`` module docstring)."""
+    model, _ = load_dinov2(config.encoder, image_size=config.encoder_image_size, antialias=True,
+                           compute_dtype=jnp.dtype(config.get("encoder_dtype", "bfloat16")))
+    graphdef, weights = nnx.split(model)
+
+    def encode(weights: Any, images: jax.Array) -> jax.Array:
+        return encoder_features(nnx.merge(graphdef, weights), images)
+
+    return encode, weights
