@@ -98,8 +98,7 @@ def test_hook_in_a_skipped_sprint_span_and_bad_depths_fail():
 def _config(routed: bool, depth: int) -> ml_collections.ConfigDict:
     config = tl.tiny_config("", **{"model.overrides": dict(depth=DEPTH, hidden_size=32, num_heads=2)})
     config.routes = [dict(start=1, end=2, ratio=0.5)] if routed else []
-    config.repa = dict(enabled=True, encoder="dinov2-vits14", depth=depth, coef=0.5, projector_width=16,
-                       encoder_image_size=224)
+    config.repa.update(enabled=True, encoder="dinov2-vits14", depth=depth, projector_width=16)
     config.optim.warmup_steps = 0
     return config
 
@@ -173,14 +172,13 @@ def test_train_step_aligns_the_kept_tokens_at_their_positions(routed, depth):
 
 
 def test_repa_config_errors():
-    config = _config(False, DEPTH + 1)
-    builder = model_builder.ModelBuilder(config, INFO)
-    tx = train_state.create_optimizer(config.optim)
-    objective = diffusion.create_objective(config.diffusion)
     with pytest.raises(ValueError, match=r"config.repa.depth must be a block of 1..4"):
-        make_train_step(config, builder, objective, tx, (), encoder=_encoder)
+        model_builder.ModelBuilder(_config(False, DEPTH + 1), INFO)
+    config = _config(False, 2)
+    builder = model_builder.ModelBuilder(config, INFO)
     with pytest.raises(ValueError, match="needs the REPA encoder"):
-        make_train_step(_config(False, 2), builder, objective, tx, ())
+        make_train_step(config, builder, diffusion.create_objective(config.diffusion),
+                        train_state.create_optimizer(config.optim), ())
     with pytest.raises(ValueError, match="neither one of"):
         repa.encoder_width("/nonexistent/encoder")
 
@@ -321,9 +319,8 @@ def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_di
     config.model.overrides = dict(depth=4, hidden_size=32, num_heads=2)
     config.model.compute_dtype = "float32"
     config.routes = [dict(start=1, end=2, ratio=0.5)] if routed else []
-    config.repa = ml_collections.ConfigDict(dict(
-        enabled=True, encoder=str(dinov2_dir), depth=2, coef=0.5, projector_width=32, encoder_image_size=56,
-        encoder_dtype="float32"))
+    config.repa.update(enabled=True, encoder=str(dinov2_dir), depth=2, projector_width=32, encoder_image_size=56,
+                       encoder_dtype="float32")
     config.data.name, config.data.data_dir = latents.dataset_name(RESOLUTION), str(stored["out"])
     config.data.num_threads = 1
     config.global_batch_size, config.num_train_steps = 8, 40
@@ -339,3 +336,19 @@ def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_di
     assert len(alignment) == 8 and all(np.isfinite(alignment)) and all(np.isfinite(r["loss"]) for r in records)
     # -coef * cosine: near 0 for a fresh projector, towards -coef as the tokens align.
     assert -0.5 <= min(alignment) and alignment[-1] < alignment[0] - 0.1, alignment
+
+
+@pytest.mark.parametrize("variant, depth, route_end", [
+    ("sit_xl2_tread_repa", 8, 24), ("dit_xl2_tread_repa", 8, 24), ("sit_b2_tread_repa", 4, 8)])
+def test_imagenet_repa_variants(variant, depth, route_end):
+    config = tl.load_config(tl.REPO / "configs" / "imagenet256.py", variant)
+    assert config.repa.enabled and config.repa.depth == depth and config.repa.coef == 0.5
+    assert config.repa.encoder == "dinov2-vitb14" and config.repa.encoder_image_size == 224
+    # The aligned block lies inside the TREAD route: only kept tokens align.
+    (route,) = config.routes
+    assert route["start"] <= depth - 1 <= route["end"] == route_end
+    assert not tl.load_config(tl.REPO / "configs" / "imagenet256.py", "sit_xl2_tread").repa.enabled
+    builder = model_builder.ModelBuilder(config, data.DatasetInfo("imagenet256_latents", (32, 32, 4), 1000, 1, 0))
+    hidden = builder.abstract_model.hidden_size
+    shapes = [layer["kernel"].shape for layer in builder.abstract_params()["repa_projector"]["layers"].values()]
+    assert shapes == [(hidden, 2048), (2048, 2048), (2048, 768)]  # REPA's build_mlp to DINOv2-B's width

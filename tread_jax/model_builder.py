@@ -64,6 +64,9 @@ class ModelBuilder:
         self.abstract_model = nnx.eval_shape(lambda: build(nnx.Rngs(config.seed)))
         self.graphdef, _ = nnx.split(self.abstract_model, nnx.Param)
         self.patch_size = self.abstract_model.patch_size
+        if self.repa is not None and not 1 <= self.repa.depth <= self.abstract_model.depth:
+            raise ValueError(f"config.repa.depth must be a block of 1..{self.abstract_model.depth} (1-based), "
+                             f"got {self.repa.depth}")
 
     def init_params(self) -> Any:
         """Fresh parameters as nested dicts of arrays: jit flattens plain dicts about 4x faster

@@ -95,12 +95,8 @@ def make_train_step(
     schedule = train_state.learning_rate_schedule(config.optim)
     route_loss = config.route_loss
     repa_config = model.repa
-    if repa_config is not None:
-        if encoder is None:
-            raise ValueError("config.repa is enabled: the train step needs the REPA encoder")
-        if not 1 <= repa_config.depth <= model.abstract_model.depth:
-            raise ValueError(f"config.repa.depth must be a block of 1..{model.abstract_model.depth} "
-                             f"(1-based), got {repa_config.depth}")
+    if repa_config is not None and encoder is None:
+        raise ValueError("config.repa is enabled: the train step needs the REPA encoder")
     metrics_cls = metrics_type(config)
 
     def step_fn(state: train_state.TrainState, batch: dict[str, jax.Array], encoder_weights: Any = None):
