@@ -309,12 +309,7 @@ def test_latents_without_images_say_how_to_prepare_them(tmp_path, vae_dir):
                                        repa_images=True)
 
 
-@pytest.mark.parametrize("routed", [False, True])
-def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_dir, tmp_path, routed):
-    import json
-
-    from tread_jax import train
-
+def _trainer_config(stored, dinov2_dir, routed: bool) -> ml_collections.ConfigDict:
     config = tl.load_config(tl.REPO / "configs" / "imagenet256.py", "dit_s2_tread")
     config.model.overrides = dict(depth=4, hidden_size=32, num_heads=2)
     config.model.compute_dtype = "float32"
@@ -327,6 +322,16 @@ def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_di
     config.optim.learning_rate = 1e-3
     config.log_every, config.checkpoint_every = 5, 40
     config.sample.every, config.eval.every, config.eval.report = 0, 0, ""
+    return config
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_dir, tmp_path, routed):
+    import json
+
+    from tread_jax import train
+
+    config = _trainer_config(stored, dinov2_dir, routed)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(data.DATASETS, config.data.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
         result = train.train_and_evaluate(config, str(tmp_path / "work"))
@@ -336,6 +341,19 @@ def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_di
     assert len(alignment) == 8 and all(np.isfinite(alignment)) and all(np.isfinite(r["loss"]) for r in records)
     # -coef * cosine: near 0 for a fresh projector, towards -coef as the tokens align.
     assert -0.5 <= min(alignment) and alignment[-1] < alignment[0] - 0.1, alignment
+
+
+def test_check_compiles_the_repa_step(stored, dinov2_dir, tmp_path):
+    from tread_jax import run_check
+
+    config = _trainer_config(stored, dinov2_dir, routed=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.DATASETS, config.data.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
+        text = run_check.describe_run(config, str(tmp_path / "run"))
+        config.repa.encoder = str(tmp_path / "nowhere")
+        with pytest.raises(ValueError, match="neither one of"):  # a missing encoder, before compiling
+            run_check.describe_run(config, str(tmp_path / "run"))
+    assert "train step memory" in text and "repa" in text
 
 
 @pytest.mark.parametrize("variant, depth, route_end", [

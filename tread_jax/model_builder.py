@@ -34,8 +34,7 @@ class ModelBuilder:
         self.image_shape = info.image_shape
         self.seed = config.seed
 
-        repa_config = config.get("repa")
-        self.repa = repa_config if repa_config is not None and repa_config.enabled else None
+        self.repa = repa.active_config(config)
         encoder_width = repa.encoder_width(self.repa.encoder) if self.repa is not None else 0
 
         def build(rngs: nnx.Rngs) -> nnx.Module:

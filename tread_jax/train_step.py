@@ -42,7 +42,7 @@ RepaTrainMetrics = clu_metrics.Collection.create(
 
 def metrics_type(config: ml_collections.ConfigDict) -> type[clu_metrics.Collection]:
     """What the train step of ``config`` reports."""
-    return RepaTrainMetrics if config.get("repa") is not None and config.repa.enabled else TrainMetrics
+    return RepaTrainMetrics if repa.active_config(config) is not None else TrainMetrics
 
 
 def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
@@ -204,6 +204,12 @@ class BoundCall:
 
     def __call__(self, *args: Any) -> Any:
         return self.fn(*args, *self.bound)
+
+    def __getattr__(self, name: str) -> Any:
+        # What else the jitted or compiled function offers (``memory_analysis``, ...) reads through.
+        if name in ("fn", "bound"):  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
 
     def lower(self, *args: Any) -> Any:
         lowered = self.fn.lower(*args, *self.bound)

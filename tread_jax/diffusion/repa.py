@@ -66,6 +66,13 @@ class Projector(nnx.Module):
         return x
 
 
+def active_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """A run config's ``repa`` section when REPA is enabled, else None (also for configs that
+    predate it)."""
+    repa = config.get("repa")
+    return repa if repa is not None and repa.enabled else None
+
+
 def aligned_positions(plan: RoutePlan | None, depth: int) -> jax.Array | None:
     """Original positions ``[B, K]`` of the tokens the backbone holds after block ``depth``
     (1-based: the output of 0-based block ``depth - 1``): the kept tokens of the route whose
