@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import test_latents
 import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, models, routing, train_state
 from tread_jax.data import latents
@@ -208,16 +209,7 @@ def _tree(root, photos):
     return paths
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    import torch
-    from diffusers import AutoencoderKL
-    from test_latents import TINY_VAE
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vae")
-    AutoencoderKL(**TINY_VAE).save_pretrained(folder, safe_serialization=True)
-    return folder
+vae_dir = test_latents.vae_dir  # the random tiny SD VAE fixture, saved in diffusers format
 
 
 @pytest.fixture(scope="module")
