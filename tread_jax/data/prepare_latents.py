@@ -22,7 +22,8 @@ the image list; a restart with different ones is refused. When every shard exist
 writes TFDS's metadata, which is what marks the dataset as ready for training.
 
 ``--store_images`` also stores each centre crop (and each mirror) as PNG bytes in its record,
-for REPA's encoder (``latents``); about 2-3x the disk of the latents alone.
+for REPA's encoder (``latents``): 66-114 KiB per 256 px crop of four sample photos, against
+16 KiB of latents per record (ImageNet's total not measured).
 
 Unreadable or corrupt images are logged by path, counted, listed in ``failed_images.txt`` and
 skipped.
