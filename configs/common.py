@@ -33,6 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Version-1 loss (kept-token loss + mae_coef x routed-token loss); off = version 3.
     config.route_loss = ml_collections.ConfigDict(dict(enabled=False, mae_coef=0.0))
 
+    # REPA (Yu et al. 2024; tread_jax/diffusion/repa.py): align the projected tokens after block
+    # ``depth`` (1-based; the kept ones under routing) with DINOv2 features of the clean image,
+    # loss weight ``coef``. Needs latents prepared with --store_images.
+    config.repa = ml_collections.ConfigDict(dict(
+        enabled=False, encoder="dinov2-vitb14", depth=8, coef=0.5, projector_width=2048, encoder_image_size=224,
+        encoder_dtype="bfloat16"))
+
     config.diffusion = diffusion.default_config("edm")
     config.label_dropout = 0.1  # classifier-free guidance training (null class = num_classes)
 

@@ -18,10 +18,14 @@ import ml_collections
 from flax import nnx
 
 from tread_jax import checkpoint, data, diffusion, models, pretrained, routing, sharding, workdir as workdir_lib
+from tread_jax.diffusion import repa
 
 
 class ModelBuilder:
-    """The configured model for a dataset: ``init_params()`` and ``bind(params) -> nnx.Module``."""
+    """The configured model for a dataset: ``init_params()`` and ``bind(params) -> nnx.Module``.
+
+    With ``config.repa.enabled`` the model also holds REPA's projector (``repa_projector``).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo):
         height, _, channels = info.image_shape
@@ -30,8 +34,11 @@ class ModelBuilder:
         self.image_shape = info.image_shape
         self.seed = config.seed
 
+        self.repa = repa.active_config(config)
+        encoder_width = repa.encoder_width(self.repa.encoder) if self.repa is not None else 0
+
         def build(rngs: nnx.Rngs) -> nnx.Module:
-            return models.create_model(
+            network = models.create_model(
                 config.model.name,
                 input_size=height,
                 in_channels=channels,
@@ -46,11 +53,19 @@ class ModelBuilder:
                 rngs=rngs,
                 **overrides,
             )
+            if self.repa is not None:
+                # Part of the model, so trained, checkpointed and averaged with it; unused at sampling.
+                network.repa_projector = repa.Projector(network.hidden_size, encoder_width,
+                                                        width=self.repa.projector_width, rngs=rngs)
+            return network
 
         self.build = build
         self.abstract_model = nnx.eval_shape(lambda: build(nnx.Rngs(config.seed)))
         self.graphdef, _ = nnx.split(self.abstract_model, nnx.Param)
         self.patch_size = self.abstract_model.patch_size
+        if self.repa is not None and not 1 <= self.repa.depth <= self.abstract_model.depth:
+            raise ValueError(f"config.repa.depth must be a block of 1..{self.abstract_model.depth} (1-based), "
+                             f"got {self.repa.depth}")
 
     def init_params(self) -> Any:
         """Fresh parameters as nested dicts of arrays: jit flattens plain dicts about 4x faster

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from tread_jax import data, diffusion, preflight, sharding, train_state
+from tread_jax.data import latents
+from tread_jax.diffusion import repa
 from tread_jax.model_builder import ModelBuilder, with_shardings
 from tread_jax.models import flops
 from tread_jax.models.dit import DiT
-from tread_jax.logging_utils import TrainMetrics
-from tread_jax.train_step import jit_train_call
+from tread_jax.train_step import REPA_IMAGE_KEY, jit_train_call, metrics_type
 
 
 def _abstract_batch(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -33,6 +34,10 @@ def _abstract_batch(config: ml_collections.ConfigDict, info: data.DatasetInfo, m
     batch = {"image": image, "label": jax.ShapeDtypeStruct((*steps, config.global_batch_size), jnp.int32, sharding=split)}
     if not data.DATASETS[info.name].pixel_space:
         batch["image_std"] = image
+    if repa.active_config(config) is not None:
+        size = info.image_shape[0] * latents.DOWNSAMPLE  # the stored crops REPA's encoder sees
+        batch[REPA_IMAGE_KEY] = jax.ShapeDtypeStruct((*steps, config.global_batch_size, size, size, 3), jnp.uint8,
+                                                     sharding=split)
     return batch
 
 
@@ -77,7 +82,7 @@ def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     train_call = jit_train_call(config, model, diffusion.create_objective(config.diffusion), tx, routes, mesh,
                                 state_sharding)
     metrics = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding.replicated(mesh)),
-                           jax.eval_shape(TrainMetrics.empty))
+                           jax.eval_shape(metrics_type(config).empty))
     compiled = train_call.lower(with_shardings(abstract_state, state_sharding), _abstract_batch(config, info, mesh),
                                 metrics).compile()
     memory = compiled.memory_analysis()

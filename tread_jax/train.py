@@ -25,13 +25,13 @@ from tread_jax import data, diffusion, preflight, pretrained, runtime, sharding,
 from tread_jax.checkpoint import Checkpointer
 from tread_jax.evaluation import TrainingEvaluator
 from tread_jax.logging_utils import (
-    NO_BAD_STEP, MetricWriter, Throughput, TrainMetrics, class_grid, format_duration, progress_line,
+    NO_BAD_STEP, MetricWriter, Throughput, class_grid, format_duration, progress_line,
     save_class_grids)
 from tread_jax.model_builder import ModelBuilder, imported_params, with_shardings
 from tread_jax.prefetch import DevicePrefetcher
 from tread_jax.profiling import StepProfiler
 from tread_jax.sampler import Sampler
-from tread_jax.train_step import jit_train_call
+from tread_jax.train_step import jit_train_call, metrics_type
 
 
 def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -> None:
@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
         data_iterator = data.create_train_iterator(
             config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            process_index=jax.process_index(), process_count=jax.process_count(), repa_images=model.repa is not None,
         )
         checkpointer = Checkpointer(workdir, save_interval_steps=config.checkpoint_every, max_to_keep=config.max_to_keep)
         abstract_sharded = with_shardings(abstract_state, state_sharding)
@@ -127,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _write_parameter_overview(workdir, state.params)
 
         train_call = jit_train_call(config, model, objective, tx, routes, mesh, state_sharding)
-        empty_metrics = jax.jit(TrainMetrics.empty, out_shardings=sharding.replicated(mesh))
+        empty_metrics = jax.jit(metrics_type(config).empty, out_shardings=sharding.replicated(mesh))
         sample_cfg = config.sample
         grid_labels = np.repeat(sample_cfg.get("classes", None) or np.arange(info.num_classes), sample_cfg.per_class)
         grid_sampler = None
@@ -188,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "loss": float(computed["loss"]),
                     "grad_norm": float(computed["grad_norm"]),
                     "learning_rate": float(computed["learning_rate"]),
+                    **({"alignment_loss": float(computed["alignment_loss"])} if "alignment_loss" in computed else {}),
                     "steps_per_s": steps_per_s,
                     "images_per_s": steps_per_s * config.global_batch_size,
                 }

@@ -14,6 +14,11 @@ encoder, log-variance clipped to [-30, 20] as diffusers does) and ``label`` (Cla
 the sorted wnids). With flips each image contributes two consecutive records: the image, then
 its horizontal mirror, each encoded separately (a latent cannot be mirrored exactly).
 
+With ``--store_images`` (for REPA, ``tread_jax.diffusion.repa``) each record also holds
+``repa_image``: the centre crop its latents encode (the mirror's for a mirror record) as PNG
+bytes, lossless. ``decode`` leaves them out; ``decode_images`` decodes them to uint8, which the
+pipeline does only for a REPA run.
+
 Training draws ``z = 0.18215 * (mean + exp(logvar / 2) * noise)`` with fresh noise every step.
 ``decode`` prepares the two parts on the host, ``image = 0.18215 * mean`` and
 ``image_std = 0.18215 * exp(logvar / 2)``, and the train step adds ``image_std * noise`` on
@@ -22,6 +27,7 @@ device, where noise is cheap and follows the step's key (so a resumed run draws 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
+from PIL import Image
 
 VERSION = "1.0.0"
 RESOLUTIONS = (256, 512)  # the registered datasets; the tool also writes other sizes (tests)
 SCALE = 0.18215  # sd-vae-ft-ema's scaling_factor: latents * SCALE have about unit variance
 LATENT_CHANNELS = 4
 DOWNSAMPLE = 8  # the SD VAE maps res x res pixels to res/8 x res/8 latents
+IMAGE_FEATURE = "repa_image"  # the stored clean crop, and its key in a decoded REPA batch
 
 
 def dataset_name(resolution: int) -> str:
@@ -43,23 +51,41 @@ def dataset_name(resolution: int) -> str:
     return f"imagenet{resolution}_latents"
 
 
-def prepare_command(resolution: int) -> str:
-    """The command that builds the dataset (used in the trainer's missing-data error)."""
+def prepare_command(resolution: int, *, images: bool = False) -> str:
+    """The command that builds the dataset (used in the trainer's missing-data errors)."""
     return (
         f"python -m tread_jax.data.prepare_latents --source=folder --data_dir=/path/to/imagenet "
         f"--resolution={resolution} --vae=stabilityai/sd-vae-ft-ema --output_dir=<the data_dir above>"
+        + (" --store_images" if images else "")
     )
 
 
-def features(resolution: int, class_names: Sequence[str]) -> tfds.features.FeaturesDict:
-    """The record schema for ``resolution`` pixel images and the given classes."""
+def features(resolution: int, class_names: Sequence[str], *, images: bool = False) -> tfds.features.FeaturesDict:
+    """The record schema for ``resolution`` pixel images and the given classes; ``images`` adds
+    the stored crops (``IMAGE_FEATURE``)."""
     side = resolution // DOWNSAMPLE
     shape = (side, side, LATENT_CHANNELS)
-    return tfds.features.FeaturesDict({
+    schema = {
         "mean": tfds.features.Tensor(shape=shape, dtype=np.float16),
         "logvar": tfds.features.Tensor(shape=shape, dtype=np.float16),
         "label": tfds.features.ClassLabel(names=list(class_names)),
-    })
+    }
+    if images:
+        schema[IMAGE_FEATURE] = tfds.features.Tensor(shape=(), dtype=np.object_)  # PNG bytes
+    return tfds.features.FeaturesDict(schema)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 ``[H, W, 3]`` -> PNG bytes (lossless)."""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def decode_images(pngs: Sequence[bytes]) -> np.ndarray:
+    """Stored PNG bytes -> uint8 ``[n, H, W, 3]``. (Stacked by numpy as fixed-width bytes, which
+    drop trailing zero bytes: a PNG never ends in one, its last chunk ends with a fixed CRC.)"""
+    return np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs])
 
 
 def decode(records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

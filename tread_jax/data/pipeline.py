@@ -276,6 +276,13 @@ class _ProcessBatches:
         return batch
 
 
+def _with_images(
+    decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], records: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``decode`` plus the stored clean crops, decoded to uint8."""
+    return {**decode(records), latents.IMAGE_FEATURE: latents.decode_images(records[latents.IMAGE_FEATURE])}
+
+
 def create_train_iterator(
     data_config: ml_collections.ConfigDict,
     *,
@@ -283,11 +290,13 @@ def create_train_iterator(
     seed: int,
     process_index: int,
     process_count: int,
+    repa_images: bool = False,
 ) -> grain.DatasetIterator:
     """An endless iterator over this process's share of each shuffled global batch.
 
     Yields ``{"image": f32 [b, H, W, C], "label": i32 [b]}`` with ``b = global_batch_size //
-    process_count`` (see the module docstring for the order). ``get_state()`` returns a JSON-able
+    process_count`` (see the module docstring for the order); ``repa_images`` adds the stored
+    clean crops, uint8 ``[b, res, res, 3]`` (``latents.IMAGE_FEATURE``), for REPA. ``get_state()`` returns a JSON-able
     dict; ``set_state()`` on a fresh iterator built with the same arguments continues with exactly
     the batches the saved one would have produced next.
     """
@@ -310,11 +319,19 @@ def create_train_iterator(
         raise ValueError(
             f"flip=True needs pixel data; dataset {data_config.name!r} is not in pixel space"
         )
-    source = _open_builder(data_config).as_data_source(split="train")
+    builder = _open_builder(data_config)
+    decode = spec.decode
+    if repa_images:
+        if latents.IMAGE_FEATURE not in builder.info.features:
+            how = ("REPA trains on the latent datasets" if spec.pixel_space
+                   else f"{spec.prepare_hint} --store_images (into a new output_dir)")
+            raise ValueError(f"REPA needs the clean images stored with the data, and {builder.data_dir} has none: {how}")
+        decode = functools.partial(_with_images, spec.decode)
+    source = builder.as_data_source(split="train")
     reader = _InMemoryReader(source) if data_config.in_memory else _RecordReader(source)
     batches = _ProcessBatches(
         reader,
-        spec.decode,
+        decode,
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,

@@ -17,13 +17,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tread_jax.models.dinov2 import DinoV2, normalize_imagenet, resize_bicubic
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from tread_jax.models.dinov2 import (
+    CONFIG_FILE,
+    DINOV2_REPOS,
+    DinoV2,
+    load_dinov2,
+    normalize_imagenet,
+    read_config,
+    resize_bicubic,
+)
 from tread_jax.models.layers import dense
 from tread_jax.routing import RoutePlan, gather_tokens
 
 # REPA's defaults: projector width and loss weight (train.py --projector-dim, --proj-coeff).
 PROJECTOR_WIDTH = 2048
 COEF = 0.5
+# Feature widths of the published DINOv2 models (their config.json ``hidden_size``): the projector
+# is built from these without reading the weights (sampling a REPA-trained model needs no encoder).
+_WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024}
 # torch.nn.functional.normalize's floor on the norm.
 _NORM_EPS = 1e-12
 
@@ -46,6 +64,13 @@ class Projector(nnx.Module):
         for layer in self.layers[1:]:
             x = layer(jax.nn.silu(x))
         return x
+
+
+def active_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """A run config's ``repa`` section when REPA is enabled, else None (also for configs that
+    predate it)."""
+    repa = config.get("repa")
+    return repa if repa is not None and repa.enabled else None
 
 
 def aligned_positions(plan: RoutePlan | None, depth: int) -> jax.Array | None:
@@ -106,3 +131,35 @@ def encoder_features(encoder: DinoV2, images: jax.Array) -> jax.Array:
     if x.shape[1] != encoder.image_size or x.shape[2] != encoder.image_size:
         x = resize_bicubic(x, encoder.image_size)
     return jax.lax.stop_gradient(encoder(x))
+
+
+def encoder_width(encoder: str | os.PathLike) -> int:
+    """Feature width of a DINOv2 short name (``dinov2.DINOV2_REPOS``) or a local DINOv2 folder."""
+    name = str(encoder)
+    if name in DINOV2_REPOS:
+        return _WIDTHS[name.split("-")[1]]
+    config = Path(name).expanduser() / CONFIG_FILE
+    if not config.is_file():
+        raise ValueError(f"REPA encoder {name!r} is neither one of {sorted(DINOV2_REPOS)} nor a folder with "
+                         f"{CONFIG_FILE}")
+    return read_config(config).hidden_size
+
+
+def images_from_uint8(pixels: jax.Array) -> jax.Array:
+    """Stored ``uint8`` RGB images -> float32 in [-1, 1], the range ``encoder_features`` takes."""
+    return pixels.astype(jnp.float32) / 127.5 - 1.0
+
+
+def load_encoder(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(encode, weights)`` for ``config.repa``: pure ``encode(weights, images)`` =
+    ``encoder_features`` of DINOv2 ``config.encoder`` (a short name, from the cache or downloaded,
+    or a folder) built for ``config.encoder_image_size`` inputs with the position table resized
+    with antialiasing, as REPA's timm loading does (``dinov2`` module docstring)."""
+    model, _ = load_dinov2(config.encoder, image_size=config.encoder_image_size, antialias=True,
+                           compute_dtype=jnp.dtype(config.get("encoder_dtype", "bfloat16")))
+    graphdef, weights = nnx.split(model)
+
+    def encode(weights: Any, images: jax.Array) -> jax.Array:
+        return encoder_features(nnx.merge(graphdef, weights), images)
+
+    return encode, weights

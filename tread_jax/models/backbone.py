@@ -49,6 +49,12 @@ class Backbone(nnx.Module):
     checkpoints and weight conversion do not depend on it. On XLA:CPU it compiles DiT-XL/2's
     step slower, not faster (benchmarks/README.md); it is there for accelerators, where it is
     not measured yet. ``remat`` is a key of ``REMAT_POLICIES``.
+
+    ``repa_depth=k`` (REPA, ``tread_jax.diffusion.repa``) also returns the tokens coming out of
+    block ``k`` (1-based): the stretch holding that block is run in two parts, which changes
+    nothing else. Inside a route these are the kept tokens only, in the order of the stretch's
+    ``kept`` (``repa.aligned_positions``), before they rejoin the sequence. Inside a skipped
+    SPRINT span (path-drop guidance) there are none: ValueError.
     """
 
     keep_order = False  # True for blocks that depend on token order (scans)
@@ -115,6 +121,8 @@ class Backbone(nnx.Module):
         self, blocks: range, h: jax.Array, c: jax.Array, positions: jax.Array | None, grid: tuple[int, int]
     ) -> jax.Array:
         """Blocks ``blocks`` in order on tokens ``h``, scanned and rematerialised as configured."""
+        if not blocks:  # the REPA hook can split a stretch after its last block
+            return h
         policy = REMAT_POLICIES[self.remat]
         scan = self.scan_blocks and len(blocks) > 1
         if policy is None and not scan:
@@ -150,9 +158,13 @@ class Backbone(nnx.Module):
         class_labels: jax.Array,
         *,
         route_plan: routing.RoutePlan | None = None,
-    ) -> jax.Array:
+        repa_depth: int | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``[B, H, W, C]`` inputs to float32 outputs; ``route_plan`` (``routing.draw_plan``, with
-        ``keep_order=self.keep_order``) routes the tokens, ``None`` runs densely."""
+        ``keep_order=self.keep_order``) routes the tokens, ``None`` runs densely. With
+        ``repa_depth`` (1-based block) returns ``(outputs, tokens after that block)``."""
+        if repa_depth is not None and not 1 <= repa_depth <= self.depth:
+            raise ValueError(f"repa_depth must be a block of 1..{self.depth} (1-based), got {repa_depth}")
         _, height, width, _ = x.shape
         grid = (height // self.patch_size, width // self.patch_size)
         if route_plan is not None:
@@ -167,12 +179,24 @@ class Backbone(nnx.Module):
         fusion = None
         if self.sprint_span is not None:
             fusion = (self.sprint_mask_token[...], self.sprint_fusion)
+        hooked = None
         for stretch in routing.stretches(route_plan, self.depth, self.compute_dtype,
                                          float32_rejoin=self.float32_after_route, fused_span=self.sprint_span):
+            hook = repa_depth is not None and (repa_depth - 1) in stretch.blocks
+            if hook and stretch.skip:
+                raise ValueError(f"repa_depth {repa_depth} lies in the SPRINT span {self.sprint_span}, which this "
+                                 "route plan skips: there are no tokens to align")
             h = None
             if not stretch.skip:
-                h = self.run_blocks(stretch.blocks, stretch.gather(tokens), c.astype(stretch.dtype), stretch.kept,
-                                    grid)
+                h = stretch.gather(tokens)
+                cond = c.astype(stretch.dtype)
+                if hook:
+                    split = stretch.blocks.index(repa_depth - 1) + 1
+                    h = hooked = self.run_blocks(stretch.blocks[:split], h, cond, stretch.kept, grid)
+                    h = self.run_blocks(stretch.blocks[split:], h, cond, stretch.kept, grid)
+                else:
+                    h = self.run_blocks(stretch.blocks, h, cond, stretch.kept, grid)
             tokens = stretch.scatter(tokens, h, fusion)
         out = self.final_layer(tokens, c)
-        return unpatchify(out, self.patch_size, height, width).astype(jnp.float32)
+        out = unpatchify(out, self.patch_size, height, width).astype(jnp.float32)
+        return out if repa_depth is None else (out, hooked)
