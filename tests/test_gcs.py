@@ -1,9 +1,10 @@
 """``gs://`` workdirs against a real Cloud Storage API server on 127.0.0.1 (``gcs_bucket`` in
 conftest.py): a run killed with SIGKILL, whose newest checkpoint in the bucket is then damaged,
 moves that step aside as it does locally and resumes from the one before to the state of an
-uninterrupted local run; the evaluation binary reads the run from the bucket, reference statistics
-and two processes' checkpoint are written there, and preflight reports a missing bucket or bad
-credentials in one line.
+uninterrupted local run; a fine-tune starts from the run in the bucket as from the local run; the
+evaluation binary reads the run from the bucket; reference statistics, jax's persistent compilation
+cache and two processes' checkpoint are written there; and preflight reports a missing bucket or
+bad credentials in one line.
 """
 
 from __future__ import annotations
