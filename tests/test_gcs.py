@@ -1,9 +1,10 @@
 """``gs://`` workdirs against a real Cloud Storage API server on 127.0.0.1 (``gcs_bucket`` in
 conftest.py): a run killed with SIGKILL, whose newest checkpoint in the bucket is then damaged,
 moves that step aside as it does locally and resumes from the one before to the state of an
-uninterrupted local run; the evaluation binary reads the run from the bucket, reference statistics
-and two processes' checkpoint are written there, and preflight reports a missing bucket or bad
-credentials in one line.
+uninterrupted local run; a fine-tune starts from the run in the bucket as from the local run; the
+evaluation binary reads the run from the bucket; reference statistics, jax's persistent compilation
+cache and two processes' checkpoint are written there; and preflight reports a missing bucket or
+bad credentials in one line.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import cli_testlib
 import trainer_testlib as tl
-from tread_jax import checkpoint
+from tread_jax import checkpoint, train
 from tread_jax.metrics import fid, reference_stats
 
 STEPS = 48
@@ -67,24 +68,36 @@ class BucketRun:
     resumed: subprocess.CompletedProcess
 
 
-@pytest.fixture(scope="module")
-def bucket_run(gcs_bucket, config_file, reference) -> BucketRun:
-    """A run in the bucket killed with SIGKILL past its second checkpoint; the newest finished
-    step is then damaged (its largest array file truncated) and the run resumed to the end."""
-    workdir = f"{gcs_bucket}/resumed"
+def _kill_past_the_second_checkpoint(config_file: Path, workdir: str) -> int | None:
+    """Runs main in ``workdir`` and kills it with SIGKILL once it has logged steps past its second
+    or later checkpoint; returns the newest finished step, or None where the kill came too late
+    (on a loaded machine the run can finish while the bucket is being read)."""
     proc = subprocess.Popen(tl.main_command(config_file, workdir), cwd=tl.REPO, env=tl.subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
+        logged = max(tl.logged(workdir), default=0)  # before the steps: the test errs towards waiting
         saved = checkpoint.saved_steps(workdir)
-        if len(saved) >= 2 and max(tl.logged(workdir), default=0) > max(saved) + 1:
+        if len(saved) >= 2 and logged > max(saved) + 1:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    damaged_step = max(checkpoint.saved_steps(workdir))
-    assert damaged_step < STEPS and max(tl.logged(workdir)) > damaged_step
+    newest = max(checkpoint.saved_steps(workdir))
+    return newest if newest < STEPS and max(tl.logged(workdir)) > newest else None
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs_bucket, config_file, reference) -> BucketRun:
+    """A run in the bucket killed with SIGKILL past its second checkpoint; the newest finished
+    step is then damaged (its largest array file truncated) and the run resumed to the end."""
+    for attempt in range(3):
+        workdir = f"{gcs_bucket}/resumed{attempt}"
+        damaged_step = _kill_past_the_second_checkpoint(config_file, workdir)
+        if damaged_step is not None:
+            break
+    assert damaged_step is not None, "three runs finished their last checkpoint before the kill"
     bucket, path = fsspec.core.url_to_fs(f"{workdir}/checkpoints/{damaged_step}/state")
     victim, info = max(bucket.find(path, detail=True).items(), key=lambda item: item[1]["size"])
     bucket.pipe(victim, bucket.cat(victim)[: info["size"] // 2])
@@ -147,6 +160,53 @@ def test_the_evaluation_binary_reads_the_run_from_the_bucket(bucket_run, config_
     with np.load(io.BytesIO(epath.Path(result["samples_npz"]).read_bytes())) as samples:
         assert samples["arr_0"].shape == (20, 8, 8, 3) and samples["arr_0"].dtype == np.uint8
         assert sorted(np.bincount(samples["arr_1"])) == [2] * 10
+
+
+def test_a_fine_tune_starts_from_a_run_in_the_bucket(bucket_run, reference, data_dir, tmp_path, capsys):
+    # The bucket run's last state is the local run's (the first test): a fine-tune from each, with
+    # the same configuration, ends in the same state.
+    finetunes = {}
+    for name, source in (("bucket", bucket_run.workdir), ("local", reference)):
+        config = tl.tiny_config(data_dir, init_from=source, num_train_steps=STEPS + 2, checkpoint_every=EVERY)
+        finetunes[name] = str(tmp_path / name)
+        train.train_and_evaluate(config, finetunes[name])
+        assert f"initialised from {source}/checkpoints step {STEPS}" in capsys.readouterr().out
+        assert min(tl.logged(finetunes[name])) == STEPS + 1  # continues at the source's step
+    assert checkpoint.saved_steps(bucket_run.workdir)[-1] == STEPS  # the source run is only read
+    _assert_same_state(finetunes["bucket"], finetunes["local"], STEPS + 2)
+
+
+# Compiles a small program with the persistent cache in argv[1] (runtime.enable_compilation_cache,
+# as main does with config.compilation_cache_dir); prints the cache events jax reported.
+_COMPILE_WITH_CACHE = r"""
+import json, sys
+import jax, jax.numpy as jnp
+from jax._src import monitoring
+from tread_jax import runtime
+events = set()
+monitoring.register_event_listener(lambda event, **_: events.add(event.rsplit("/", 1)[-1]))
+runtime.enable_compilation_cache(sys.argv[1], sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) @ x.T + 1)(jnp.ones((32, 32))).block_until_ready()
+print(json.dumps(sorted(events & {"cache_hits", "cache_misses"})))
+"""
+
+
+def test_the_compilation_cache_can_live_in_the_bucket(gcs_bucket, tmp_path):
+    cache = f"{gcs_bucket}/compilation_cache"
+    env = tl.subprocess_env()
+    del env["JAX_COMPILATION_CACHE_DIR"]  # the tests' shared local cache would win
+    found = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_WITH_CACHE, cache, str(tmp_path)], cwd=tl.REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found.append(json.loads(done.stdout.splitlines()[-1]))
+        if len(found) == 1:
+            entries = [p.name for p in epath.Path(cache).iterdir()]
+            assert any(name.startswith("jit__lambda-") for name in entries), entries
+    assert found == [["cache_misses"], ["cache_hits"]]  # the second process compiled nothing
+    assert not list(tmp_path.iterdir())  # nothing went to a local folder under the workdir
 
 
 def test_reference_statistics_go_to_the_bucket(gcs_bucket):
