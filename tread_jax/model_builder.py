@@ -10,6 +10,7 @@ build the model from the config the same way.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -114,10 +115,10 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | Non
     return EmaWeights(model, mesh, params, param_shardings, step)
 
 
-def imported_params(model: ModelBuilder, source: str, shardings: Any) -> Any:
-    """The weights of the diffusers DiT ``source`` (``pretrained.resolve``) as ``model``'s
+def imported_params(model: ModelBuilder, folder: Path, shardings: Any) -> Any:
+    """The weights of the diffusers DiT in ``folder`` (``pretrained.resolve``d) as ``model``'s
     parameters, placed as ``shardings``; ValueError when the model does not fit them."""
-    host = pretrained.import_params(pretrained.resolve(source), model.abstract_params())
+    host = pretrained.import_params(folder, model.abstract_params())
     # Every process holds the whole array and hands each of its devices its slice.
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
                         host, shardings)
@@ -131,4 +132,4 @@ def import_ema(config: ml_collections.ConfigDict, source: str) -> EmaWeights:
     model = ModelBuilder(config, pretrained.dataset_info(folder, config.data.name))
     mesh = sharding.create_mesh(config.mesh)
     param_shardings = sharding.state_shardings(model.abstract_params(), mesh, config.fsdp_min_size)
-    return EmaWeights(model, mesh, imported_params(model, str(folder), param_shardings), param_shardings, 0)
+    return EmaWeights(model, mesh, imported_params(model, folder, param_shardings), param_shardings, 0)

@@ -26,8 +26,8 @@ _CACHE_MIN_COMPILE_S = 0.2
 
 def enable_compilation_cache(directory: str, workdir: str) -> None:
     """Turns on jax's persistent compilation cache in ``directory`` (relative to ``workdir``,
-    or a ``gs://`` URL; "" = off) unless this process already has one (``JAX_COMPILATION_CACHE_DIR``, or an earlier
-    run in the same process, wins).
+    or a ``gs://`` URL; "" = off) unless this process already has one
+    (``JAX_COMPILATION_CACHE_DIR``, or an earlier run in the same process, wins).
 
     A job that restarts after a preemption then loads its compiled programs instead of
     compiling them again.

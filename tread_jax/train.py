@@ -109,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             runtime.say(f"resumed from checkpoint step {restored[1]}")
         elif pretrained.is_diffusers_source(config.get("init_from", "")):
             # An imported public DiT: its weights as parameters and EMA, a fresh optimizer, step 0.
-            params = imported_params(model, config.init_from, state_sharding.params)
+            params = imported_params(model, pretrained.resolve(config.init_from), state_sharding.params)
             start = jax.jit(lambda p: train_state.init_train_state(p, tx), out_shardings=state_sharding)
             restored = runtime.compile_everywhere(start, params, name="init_imported")(params), 0
             runtime.say(f"initialised from the diffusers DiT {config.init_from}")
