@@ -209,6 +209,17 @@ def test_estimate_matches_a_hand_count():
     assert abs(int(row[5]) - hours * 8 * 2.0) <= 1  # chip-hours x the price passed
 
 
+def test_estimate_counts_repa_on_its_own_line():
+    out = _run("estimate.py", "--config=configs/imagenet256.py:dit_xl2_repa", "--mfu=0.5")
+    line = next(line for line in out.splitlines() if line.startswith("REPA per image"))
+    # DINOv2-B/14 at 224 (23.16 G) and the 256 -> 224 resize; REPA's projector fwd + bwd on 256 tokens.
+    assert "encoder 23.24 GMACs" in line and "projector and loss 6.24 GMACs" in line
+    assert "7.7% of the training step's FLOPs (encoder 6.0%), +8.3% over the step without REPA" in line
+    dense_gmacs = float(re.search(r"GMACs per image: ([\d.]+) routed", out).group(1))
+    train_flop = 2 * (3 * dense_gmacs + 23.24 + 6.24) * 1e9 * 256 * 400_000
+    assert float(re.search(r"training ([\d.e+]+) FLOP", out).group(1)) == pytest.approx(train_flop, rel=2e-3)
+
+
 def _accelerator_module(name: str):
     """``benchmarks/<name>.py`` imported as the scripts import each other (their folder on the path)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
