@@ -168,6 +168,11 @@ def load_encoder(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, jax.
     with antialiasing, as REPA's timm loading does (``dinov2`` module docstring)."""
     model, _ = load_dinov2(config.encoder, image_size=config.encoder_image_size, antialias=True,
                            compute_dtype=jnp.dtype(config.get("encoder_dtype", "bfloat16")))
+    return pure_encoder(model)
+
+
+def pure_encoder(model: DinoV2) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(encode, weights)`` of a built DINOv2: ``encode(weights, images)`` = ``encoder_features``."""
     graphdef, weights = nnx.split(model)
 
     def encode(weights: Any, images: jax.Array) -> jax.Array:

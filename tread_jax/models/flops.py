@@ -103,15 +103,17 @@ class RepaMacs:
 
 
 def repa_macs(repa_config: ml_collections.ConfigDict, hidden_size: int, depth: int, image_size: int,
-              num_tokens: int, routes: Sequence[routing.Route] = ()) -> RepaMacs:
+              num_tokens: int, routes: Sequence[routing.Route] = (), *,
+              encoder: DinoV2Config | None = None) -> RepaMacs:
     """``RepaMacs`` per image for ``config.repa`` on a backbone of ``depth`` blocks of width
     ``hidden_size`` and ``num_tokens`` tokens, with clean images of ``image_size`` pixels.
 
     The projector sees the tokens block ``repa_config.depth`` holds (the kept ones inside a
     route); the loss is counted as its three reductions per token (the dot product and two
-    squared norms) over the encoder's width.
+    squared norms) over the encoder's width. ``encoder``: the encoder's shape, when it is not
+    ``repa_config.encoder``'s (benchmarks of a reduced one).
     """
-    encoder = repa.encoder_config(repa_config.encoder)
+    encoder = encoder or repa.encoder_config(repa_config.encoder)
     size = repa_config.encoder_image_size
     # resize_bicubic's two contractions over three channels, when the sizes differ.
     resize = 3 * size * image_size * (image_size + size) if size != image_size else 0
