@@ -346,7 +346,7 @@ def test_check_compiles_the_repa_step(stored, dinov2_dir, tmp_path):
         config.repa.encoder = str(tmp_path / "nowhere")
         with pytest.raises(ValueError, match="neither one of"):  # a missing encoder, before compiling
             run_check.describe_run(config, str(tmp_path / "run"))
-    assert "train step memory" in text and "repa" in text
+    assert "train step memory" in text and "repa" in text and "REPA FLOPs per step" in text
 
 
 @pytest.mark.parametrize("variant, depth, route_end", [
