@@ -38,18 +38,19 @@ from _common import (
     environment,
     forward_macs_xla,
     matmul_peak,
+    ModelSetup,
     model_setup,
     parse_overrides,
     peak_memory_bytes,
     route_from_flag,
     write_json,
 )
-from tread_jax import diffusion, train_state
+from tread_jax import diffusion, routing, train_state
 from tread_jax.data import latents
 from tread_jax.diffusion import repa
 from tread_jax.model_builder import ModelBuilder
 from tread_jax.models.dinov2 import DinoV2
-from tread_jax.models.flops import dit_forward_macs, repa_macs
+from tread_jax.models.flops import RepaMacs, dit_forward_macs, repa_macs
 from tread_jax.train_step import REPA_IMAGE_KEY, make_train_step
 
 FLAGS = flags.FLAGS
@@ -72,10 +73,10 @@ class Repa:
     config: ml_collections.ConfigDict
     encode: Any
     weights: Any
-    macs: Any  # flops.RepaMacs
+    macs: RepaMacs
 
 
-def repa_setup(setup: Any, routes: tuple) -> Repa:
+def repa_setup(setup: ModelSetup, routes: tuple[routing.Route, ...]) -> Repa:
     """``--repa_encoder`` built with random weights for the token grid of ``setup``'s model."""
     abstract = setup.abstract
     grid = FLAGS.input_size // abstract.patch_size
