@@ -17,8 +17,10 @@ fails, runs out of memory or out of time is recorded in the JSON and the next on
    losses must agree within bfloat16 noise (``accelerator_checks.py``).
 6. ``torch_reference``: diffusers' DiT-XL/2 train step (bf16 autocast, torch.compile), same
    batch, where torch and diffusers are installed (``accelerator_checks.py``).
-7. With ``--extended``, if time remains: DiT-XL/2 train step with ``--scan_blocks`` and with
-   each ``--remat`` policy.
+7. With ``--extended``, if time remains: ``train_XL2_repa``, the DiT-XL/2 routed step without and
+   with REPA (DINOv2-B/14 with random weights at 224 px, block 8) alternating, and the encoder
+   alone: REPA's measured share of the step beside the analytic one; then the DiT-XL/2 train
+   step with ``--scan_blocks`` and with each ``--remat`` policy.
 
 The total stays within ``--budget_s`` (480 s): a section's limit is its own budget or what is
 left, whichever is smaller, and a section with under ``MIN_SECTION_S`` left is skipped. The
@@ -63,6 +65,9 @@ TINY_MODEL = ["--model=DiT-S/2", "--overrides=depth=2,hidden_size=32,num_heads=2
 TINY_TRAIN = [*TINY_MODEL, "--dtype=bfloat16", "--route=0,1,0.5", "--steps=2", "--matmul_size=0"]
 TINY_SAMPLE = [*TINY_MODEL, "--dtype=bfloat16", "--num_steps=3", "--reps=1", "--matmul_size=0"]
 TINY_EVAL = ["--batch=1", "--reps=1", "--image_size=32", "--vae_latent_size=2", "--matmul_size=0"]
+# REPA's encoder (DINOv2-B/14 at 224 for 32x32 latents) and block (8 for XL); tiny: one ViT-S block.
+FULL_REPA = ["--repa_encoder=dinov2-vitb14", "--repa_depth=8"]
+TINY_REPA = ["--repa_encoder=dinov2-vits14", "--repa_encoder_overrides=num_hidden_layers=1", "--repa_depth=1"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +100,8 @@ def plan(tiny: bool, extended: bool) -> list[Section]:
         Section("torch_reference", "accelerator_checks.py", ("torch_reference", *torch), 90),
     ]
     if extended:
-        variants = {"scan": ["--scan_blocks"], "remat_dots": ["--remat=dots"], "remat_full": ["--remat=full"]}
+        variants = {"repa": TINY_REPA if tiny else FULL_REPA, "scan": ["--scan_blocks"],
+                    "remat_dots": ["--remat=dots"], "remat_full": ["--remat=full"]}
         sections += [Section(f"train_XL2_{name}", "train_step.py", (*models["XL2"], *flags_), 120)
                      for name, flags_ in variants.items()]
     return sections

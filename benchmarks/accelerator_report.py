@@ -26,15 +26,21 @@ def _train_rows(name: str, r: dict[str, Any], peak: float | None) -> list[list[s
     route = "; ".join(f"{x['start']}->{x['end']} at {x['ratio']}" for x in r["route"])
     label = f"train {r['model']}, batch {r['batch']}, {r['dtype']}"
     rows = []
-    for variant, v in r["variants"].items():
-        # Model FLOPs: three forward passes per image (forward + backward), analytic count.
-        flops_per_s = 6 * v["fwd_gmacs_analytic"] * 1e9 / v["step_s_median"]
+    for i, (variant, v) in enumerate(r["variants"].items()):
+        # Model FLOPs: three forward passes per image (forward + backward), analytic count, and
+        # REPA's encoder, projector and loss in its variant.
+        flops_per_s = 2 * v["step_gmacs_analytic"] * 1e9 / v["step_s_median"]
         notes = ""
         if variant == "routed":
             notes = (f"route {route}; routed/dense time {r['time_ratio_median_of_pairs']:.3f}, "
                      f"FLOP ratio {r['flop_ratio_analytic']:.3f}")
+        elif variant == "repa":
+            repa = r["repa"]
+            notes = (f"route {route or 'none'}; {repa['encoder']}; REPA step time +{repa['overhead_measured']:.1%} "
+                     f"(analytic FLOPs +{repa['overhead_analytic']:.1%}), encoder alone "
+                     f"{repa['encoder_share_measured']:.1%} of the REPA step (analytic {repa['encoder_share_analytic']:.1%})")
         rows.append([f"{label}, {variant} ({name})", f"{v['images_per_s']:.1f}", _mfu(flops_per_s, peak),
-                     _memory(r.get("peak_memory_bytes")) if variant == "dense" else "",
+                     _memory(r.get("peak_memory_bytes")) if i == 0 else "",
                      f"{v['compile_s']:.1f}", notes])
     return rows
 

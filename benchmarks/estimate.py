@@ -2,7 +2,8 @@
 
 An estimate, not a measurement: time = FLOPs / (chips x peak x MFU). Training counts three
 forward passes per image (forward, and a backward of about twice its cost) with the config's
-routes applied; FID-50K sampling counts the dense forward passes of the Heun sampler (2N - 1
+routes applied, plus REPA's encoder forward, projector and loss when ``config.repa`` is enabled
+(``flops.repa_macs``, printed on their own line with their share of the step); FID-50K sampling counts the dense forward passes of the Heun sampler (2N - 1
 per image for N steps, twice that with classifier-free guidance). The MFU is an input: measure
 it on the target device with ``benchmarks/train_step.py`` and pass it here. Peaks are the
 vendors' dense bfloat16 figures; prices are on-demand list prices per chip-hour that were not
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 
 from tread_jax import models, routing
 from tread_jax.data import latents
-from tread_jax.models.flops import dit_forward_macs
+from tread_jax.diffusion import repa
+from tread_jax.models.flops import dit_forward_macs, repa_macs
 
 # name: (dense bfloat16 peak TFLOP/s per chip, assumed USD per chip-hour, chips per typical slice)
 CHIPS = {
@@ -70,7 +72,13 @@ def main(argv: list[str]) -> None:
         sprint_span=routing.sprint_span(routes), rngs=nnx.Rngs(0), **dict(config.model.get("overrides", {}) or {})))
     routed, dense = (dit_forward_macs(model, size, size, r) for r in (routes, ()))
     images = config.global_batch_size * config.num_train_steps
-    train_flops = 3 * 2 * routed * images
+    step_macs = 3 * routed  # per image: forward and a backward of about twice its cost
+    extra = None
+    if repa.active_config(config) is not None:
+        extra = repa_macs(config.repa, model.hidden_size, model.depth, size * latents.DOWNSAMPLE,
+                          model.num_tokens(size, size), routes)
+        step_macs += extra.total
+    train_flops = 2 * step_macs * images
     evaluations = (2 * _FID_STEPS.value - 1) * (2 if _GUIDED.value else 1)
     fid_flops = 2 * dense * evaluations * _FID_SAMPLES.value
 
@@ -79,6 +87,11 @@ def main(argv: list[str]) -> None:
     print(f"forward GMACs per image: {routed / 1e9:.2f} routed, {dense / 1e9:.2f} dense "
           f"(ratio {routed / dense:.3f}); training {train_flops:.3g} FLOP; FID-{_FID_SAMPLES.value // 1000}K "
           f"sampling {fid_flops:.3g} FLOP ({evaluations} evaluations per image)")
+    if extra is not None:
+        print(f"REPA per image: encoder {extra.encoder / 1e9:.2f} GMACs (forward), projector and loss "
+              f"{(extra.projector + extra.loss) / 1e9:.2f} GMACs (forward + backward): {extra.total / step_macs:.1%} "
+              f"of the training step's FLOPs (encoder {extra.encoder / step_macs:.1%}), "
+              f"+{extra.total / (step_macs - extra.total):.1%} over the step without REPA")
     print(f"at an assumed MFU of {_MFU.value:.0%} (estimates, not measurements):")
     print(f"{'chip':9}{'peak TF/s':>10}{'chips':>7}{'train h':>9}{'chip-h':>9}{'USD':>9}{'FID h':>7}")
     for name, (peak, _, chips) in CHIPS.items():

@@ -209,6 +209,17 @@ def test_estimate_matches_a_hand_count():
     assert abs(int(row[5]) - hours * 8 * 2.0) <= 1  # chip-hours x the price passed
 
 
+def test_estimate_counts_repa_on_its_own_line():
+    out = _run("estimate.py", "--config=configs/imagenet256.py:dit_xl2_repa", "--mfu=0.5")
+    line = next(line for line in out.splitlines() if line.startswith("REPA per image"))
+    # DINOv2-B/14 at 224 (23.16 G) and the 256 -> 224 resize; REPA's projector fwd + bwd on 256 tokens.
+    assert "encoder 23.24 GMACs" in line and "projector and loss 6.24 GMACs" in line
+    assert "7.7% of the training step's FLOPs (encoder 6.0%), +8.3% over the step without REPA" in line
+    dense_gmacs = float(re.search(r"GMACs per image: ([\d.]+) routed", out).group(1))
+    train_flop = 2 * (3 * dense_gmacs + 23.24 + 6.24) * 1e9 * 256 * 400_000
+    assert float(re.search(r"training ([\d.e+]+) FLOP", out).group(1)) == pytest.approx(train_flop, rel=2e-3)
+
+
 def _accelerator_module(name: str):
     """``benchmarks/<name>.py`` imported as the scripts import each other (their folder on the path)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -252,7 +263,28 @@ def test_accelerator_full_plan_measures_the_paper_sizes_within_8_minutes():
         assert not any(a.startswith("--route") for a in args)  # the default route 2..depth-4, 0.5
     assert {"--model=DiT-XL/2", "--num_steps=40", "--dtype=bfloat16"} <= set(plan["sample_XL2"].args)
     extended = [s.name for s in accelerator.plan(tiny=False, extended=True)][len(plan):]
-    assert extended == ["train_XL2_scan", "train_XL2_remat_dots", "train_XL2_remat_full"]
+    assert extended == ["train_XL2_repa", "train_XL2_scan", "train_XL2_remat_dots", "train_XL2_remat_full"]
+    assert {"--repa_encoder=dinov2-vitb14", "--repa_depth=8", "--model=DiT-XL/2", "--batch=256"} <= set(
+        accelerator.plan(tiny=False, extended=True)[len(plan)].args)
+
+
+def test_accelerator_repa_section_measures_the_share_beside_the_analytic_one(tmp_path):
+    """REPA off and on (same batch, route, dtype) and the encoder alone, in one run, tabulated."""
+    out = _run("accelerator.py", "--tiny", "--only=train_XL2_repa", f"--out_dir={tmp_path}")
+    record = json.loads((tmp_path / "accelerator.json").read_text())["sections"]["train_XL2_repa"]
+    assert record["status"] == "ok", record
+    result = record["result"]
+    assert list(result["variants"]) == ["plain", "repa"] and result["route"][0]["ratio"] == 0.5
+    repa = result["repa"]
+    assert len(repa["encoder_s_all"]) == len(result["variants"]["repa"]["step_s_all"]) == 2
+    assert repa["overhead_measured"] == pytest.approx(result["time_ratio_median_of_pairs"] - 1)
+    assert _positive(repa["encoder_s_median"], repa["encoder_share_measured"], repa["encoder_share_analytic"],
+                     repa["overhead_analytic"])
+    # The REPA variant's analytic step adds exactly the encoder, projector and loss.
+    plain, with_repa = result["variants"]["plain"], result["variants"]["repa"]
+    assert with_repa["step_gmacs_analytic"] == pytest.approx(
+        plain["step_gmacs_analytic"] * (1 + repa["overhead_analytic"]))
+    assert "REPA step time +" in out and "dinov2-vits14" in out
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from tread_jax import cache as cache_lib
 from tread_jax.models import dinov2 as dinov2_lib
+from tread_jax.models import flops
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,6 +226,6 @@ def test_analytic_macs_match_xla(size, registers):
         graphdef, params, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
     xla = lowered.cost_analysis()["flops"] / 2
     # XLA also counts the elementwise work (GELU, norms, softmax): about 2% more.
-    assert dinov2_lib.forward_macs(config, 224) == pytest.approx(xla, rel=0.03)
+    assert flops.dinov2_forward_macs(config, 224) == pytest.approx(xla, rel=0.03)
     if size == "B":
-        assert dinov2_lib.forward_macs(config, 224) / 1e9 == pytest.approx(23.2, abs=0.05)
+        assert flops.dinov2_forward_macs(config, 224) / 1e9 == pytest.approx(23.2, abs=0.05)

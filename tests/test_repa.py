@@ -180,3 +180,60 @@ def test_encoder_features_are_repas_targets(tmp_path):
     # No gradient flows into the encoder's input.
     grad = jax.grad(lambda im: repa.encoder_features(encoder, im).sum())(jnp.asarray(pixels / 127.5 - 1.0))
     assert not np.asarray(grad).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic cost (tread_jax/models/flops.py), against counts written out by hand.
+
+def _repa_config(encoder: str = "dinov2-vitb14", depth: int = 8):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(enabled=True, encoder=encoder, depth=depth, coef=0.5,
+                                          projector_width=2048, encoder_image_size=224))
+
+
+def test_encoder_config_of_the_published_names():
+    assert repa.encoder_config("dinov2-vitb14") == dinov2_lib.DinoV2Config()  # config.json of dinov2-base
+    large = repa.encoder_config("dinov2-vitl14-reg")
+    assert (large.hidden_size, large.num_hidden_layers, large.num_register_tokens) == (1024, 24, 4)
+    assert repa.encoder_width("dinov2-vits14") == 384
+
+
+def test_dinov2_macs_by_hand():
+    from tread_jax.models import flops
+
+    # ViT-B/14 at 224: 16x16 patches of 14x14x3, 257 tokens (class token), 12 blocks of width 768.
+    n, d = 257, 768
+    block = n * (3 * d * d + d * d) + n * 2 * d * 4 * d + 2 * n * n * d  # qkv, out, MLP, attention
+    want = 256 * 14 * 14 * 3 * d + 12 * block
+    assert flops.dinov2_forward_macs(repa.encoder_config("dinov2-vitb14"), 224) == want
+    assert want / 1e9 == pytest.approx(23.16, abs=0.01)
+    # With 4 registers: 261 tokens in every block.
+    registers = flops.dinov2_forward_macs(repa.encoder_config("dinov2-vitb14-reg"), 224)
+    n = 261
+    assert registers - want == 12 * ((n - 257) * (4 * d * d + 8 * d * d) + 2 * (n * n - 257 * 257) * d)
+
+
+def test_repa_macs_of_dit_xl2_by_hand():
+    from tread_jax import models
+    from tread_jax.models import flops
+
+    model = nnx.eval_shape(lambda: models.create_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
+                                                       rngs=nnx.Rngs(0)))
+    step = 3 * flops.dit_forward_macs(model, 32, 32)
+    dense = flops.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256)
+    encoder = flops.dinov2_forward_macs(repa.encoder_config("dinov2-vitb14"), 224)
+    resize = 3 * (224 * 256 * 256 + 224 * 224 * 256)  # rows, then columns, of 3 channels
+    assert dense.encoder == encoder + resize
+    projector = 256 * (1152 * 2048 + 2048 * 2048 + 2048 * 768)  # 256 tokens through REPA's build_mlp
+    assert dense.projector == 3 * projector and dense.loss == 3 * 3 * 256 * 768
+    # The encoder is about 6% of a dense DiT-XL/2 step with REPA (README), REPA in all about 8%.
+    assert dense.encoder / (step + dense.total) == pytest.approx(0.060, abs=0.001)
+    assert dense.total / step == pytest.approx(0.083, abs=0.001)
+    # Block 8 inside the route 2..24 at ratio 0.5: the projector sees the 128 kept tokens.
+    routed = flops.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256,
+                             (routing.Route(2, 24, 0.5),))
+    assert routed.encoder == dense.encoder and 2 * routed.projector == dense.projector
+    outside = flops.repa_macs(_repa_config(depth=2), model.hidden_size, model.depth, 256, 256,
+                              (routing.Route(2, 24, 0.5),))
+    assert outside.projector == dense.projector  # block 2 (1-based) is before the route

@@ -1,5 +1,7 @@
 """REPA in training: the backbone's hook, the projector in the model, the alignment term of the
 train step, checked against a per-sample loop that gathers each image's kept tokens itself."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +14,7 @@ import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, models, routing, train_state
 from tread_jax.data import latents
 from tread_jax.diffusion import repa
+from tread_jax.models import convert
 from tread_jax.models.layers import sincos_pos_embed_2d
 from tread_jax.train_step import REPA_IMAGE_KEY, RepaTrainMetrics, make_train_step
 
@@ -319,8 +322,6 @@ def _trainer_config(stored, dinov2_dir, routed: bool) -> ml_collections.ConfigDi
 
 @pytest.mark.parametrize("routed", [False, True])
 def test_trainer_trains_with_repa_and_the_alignment_loss_falls(stored, dinov2_dir, tmp_path, routed):
-    import json
-
     from tread_jax import train
 
     config = _trainer_config(stored, dinov2_dir, routed)
@@ -345,7 +346,7 @@ def test_check_compiles_the_repa_step(stored, dinov2_dir, tmp_path):
         config.repa.encoder = str(tmp_path / "nowhere")
         with pytest.raises(ValueError, match="neither one of"):  # a missing encoder, before compiling
             run_check.describe_run(config, str(tmp_path / "run"))
-    assert "train step memory" in text and "repa" in text
+    assert "train step memory" in text and "repa" in text and "REPA FLOPs per step" in text
 
 
 @pytest.mark.parametrize("variant, depth, route_end", [
@@ -362,3 +363,90 @@ def test_imagenet_repa_variants(variant, depth, route_end):
     hidden = builder.abstract_model.hidden_size
     shapes = [layer["kernel"].shape for layer in builder.abstract_params()["repa_projector"]["layers"].values()]
     assert shapes == [(hidden, 2048), (2048, 2048), (2048, 768)]  # REPA's build_mlp to DINOv2-B's width
+
+
+def test_init_from_a_diffusers_dit_starts_a_fresh_projector(stored, dinov2_dir, tmp_path):
+    """A hub DiT has no projector: training from it imports the backbone and initialises the
+    projector as a run from scratch would, then trains both."""
+    from test_dit import _diffusers_dit
+    from test_pretrained import _flat
+
+    from tread_jax import train
+
+    config = _trainer_config(stored, dinov2_dir, routed=True)
+    config.diffusion = diffusion.default_config("ddpm")  # the hub DiTs' learned variance
+    config.num_train_steps, config.checkpoint_every, config.log_every = 1, 1, 1
+    config.init_from = str(tmp_path / "dit")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.DATASETS, config.data.name, data.DatasetSpec(**latents.spec_kwargs(RESOLUTION)))
+        info = data.dataset_info(config.data)
+        torch_model = _diffusers_dit(2, 16, 4, 8, 2, 4, info.num_classes)  # DiT-S/2 at depth 4, width 32
+        torch_model.save_pretrained(tmp_path / "dit" / "transformer")
+        result = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert result["step"] == 1
+    (record,) = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(record["alignment_loss"]) and np.isfinite(record["loss"])
+    params = _flat(tl.load_state(str(tmp_path / "work"), 1)["params"])
+    imported = _flat(nnx.to_pure_dict(nnx.state(convert.dit_from_diffusers(torch_model), nnx.Param)))
+    fresh = _flat({"repa_projector": model_builder.ModelBuilder(config, info).init_projector_params()})
+    assert params.keys() == imported.keys() | fresh.keys()
+    # One AdamW step moves each parameter by at most the learning rate (1e-3) from where it started.
+    for start in (imported, fresh):
+        moved = max(float(np.abs(params[k] - np.asarray(v)).max()) for k, v in start.items())
+        assert 1e-4 < moved <= 1.01e-3
+
+
+@pytest.mark.parametrize("routed, variants", [
+    (False, [(True, "full")]), (True, [(True, "none"), (False, "dots"), (True, "full")])])
+def test_repa_gradients_through_scan_and_remat_equal_the_plain_path(routed, variants):
+    """The hook splits a stretch at the aligned block: scanned and rematerialised halves must give
+    the plain path's alignment loss and gradients."""
+    routes = (routing.Route(0, DEPTH - 1, 0.5),) if routed else ()
+    plan = routing.draw_plan(jax.random.key(3), routes, batch_size=3, num_tokens=16) if routed else None
+    x, noise_labels, class_labels = _inputs()
+    features = _encoder(ENCODER_WEIGHTS, jax.random.uniform(jax.random.key(4), (3, SIZE, SIZE, 3), minval=-1))
+
+    def gradients(scan: bool, policy: str):
+        config = _config(routed=False, depth=2)  # block 2 of 4: both halves of the stretch have 2 blocks
+        config.model.update(compute_dtype="float32", scan_blocks=scan, remat=policy)
+        builder = model_builder.ModelBuilder(config, INFO)
+
+        def loss(params):
+            network = builder.bind(params)
+            _, tokens = network(x, noise_labels, class_labels, route_plan=plan, repa_depth=2)
+            return repa.alignment_loss(network.repa_projector(tokens), features, repa.aligned_positions(plan, 2))
+
+        return jax.jit(jax.value_and_grad(loss))(_randomised(builder.init_params()))
+
+    want_loss, want = gradients(False, "none")
+    # The alignment term reaches the blocks before the hook, not those after it.
+    assert np.abs(want["blocks"][1]["fc1"]["kernel"]).max() > 0 and not np.any(want["blocks"][2]["fc1"]["kernel"])
+    for scan, policy in variants:  # (scan_blocks, remat)
+        got_loss, got = gradients(scan, policy)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"scan_blocks={scan}, remat={policy}: {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_ssm_trains_a_step_with_repa(routed):
+    config = _config(routed, depth=1)
+    config.model.name = "SSM-S/2"
+    config.model.overrides = dict(depth=2, hidden_size=32)
+    config.routes = [dict(start=0, end=1, ratio=0.5)] if routed else []  # block 1 aligns its kept tokens
+    builder = model_builder.ModelBuilder(config, INFO)
+    tx = train_state.create_optimizer(config.optim)
+    state = train_state.init_train_state(builder.init_params(), tx)
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, SIZE, SIZE, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 4)),
+             REPA_IMAGE_KEY: jnp.asarray(rng.integers(0, 256, (4, SIZE, SIZE, 3)), jnp.uint8)}
+    step = jax.jit(make_train_step(config, builder, diffusion.create_objective(config.diffusion), tx,
+                                   routing.parse_routes(config.routes), encoder=_encoder))
+    after, metrics = step(state, batch, ENCODER_WEIGHTS)
+    values = metrics.compute()
+    assert np.isfinite(values["loss"]) and -0.5 <= values["alignment_loss"] <= 0.5
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params["repa_projector"],
+                         after.params["repa_projector"])
+    assert all(jax.tree.leaves(moved))

@@ -56,11 +56,14 @@ class ModelBuilder:
             )
             if self.repa is not None:
                 # Part of the model, so trained, checkpointed and averaged with it; unused at sampling.
-                network.repa_projector = repa.Projector(network.hidden_size, encoder_width,
-                                                        width=self.repa.projector_width, rngs=rngs)
+                network.repa_projector = projector(network.hidden_size, rngs)
             return network
 
+        def projector(hidden_size: int, rngs: nnx.Rngs) -> repa.Projector:
+            return repa.Projector(hidden_size, encoder_width, width=self.repa.projector_width, rngs=rngs)
+
         self.build = build
+        self._projector = projector
         self.abstract_model = nnx.eval_shape(lambda: build(nnx.Rngs(config.seed)))
         self.graphdef, _ = nnx.split(self.abstract_model, nnx.Param)
         self.patch_size = self.abstract_model.patch_size
@@ -73,6 +76,14 @@ class ModelBuilder:
         than ``nnx.State``, which the train step pays twice per call (measured 1.5 ms against
         6.1 ms for the digits model's state)."""
         return nnx.to_pure_dict(nnx.state(self.build(nnx.Rngs(self.seed)), nnx.Param))
+
+    def init_projector_params(self) -> Any:
+        """Fresh parameters of REPA's projector alone (``init_params()["repa_projector"]``'s structure):
+        for weights imported without one."""
+        if self.repa is None:
+            raise ValueError("config.repa is not enabled: the model has no projector")
+        projector = self._projector(self.abstract_model.hidden_size, nnx.Rngs(self.seed))
+        return nnx.to_pure_dict(nnx.state(projector, nnx.Param))
 
     def abstract_params(self) -> Any:
         """ShapeDtypeStructs of ``init_params()``, without allocating anything."""
@@ -117,8 +128,13 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | Non
 
 def imported_params(model: ModelBuilder, folder: Path, shardings: Any) -> Any:
     """The weights of the diffusers DiT in ``folder`` (``pretrained.resolve``d) as ``model``'s
-    parameters, placed as ``shardings``; ValueError when the model does not fit them."""
-    host = pretrained.import_params(folder, model.abstract_params())
+    parameters, placed as ``shardings``; ValueError when the model does not fit them. A REPA
+    model's projector, which no DiT checkpoint holds, starts freshly initialised."""
+    abstract = model.abstract_params()
+    projector = abstract.pop("repa_projector", None)
+    host = pretrained.import_params(folder, abstract)
+    if projector is not None:
+        host["repa_projector"] = jax.device_get(model.init_projector_params())
     # Every process holds the whole array and hands each of its devices its slice.
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
                         host, shardings)

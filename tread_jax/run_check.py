@@ -75,6 +75,13 @@ def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         lines.append(f"model FLOPs per step (3 x forward, batch {config.global_batch_size}): "
                      f"dense {_flops(per_step['dense'])}, routed {_flops(per_step['routed'])} "
                      f"({per_step['routed'] / per_step['dense']:.2f} x dense)")
+        if model.repa is not None:
+            abstract = model.abstract_model
+            extra = flops.repa_macs(model.repa, abstract.hidden_size, abstract.depth, height * latents.DOWNSAMPLE,
+                                    abstract.num_tokens(height, width), routes)
+            lines.append(f"REPA FLOPs per step (encoder forward, projector and loss forward + backward): "
+                         f"{_flops(2 * extra.total * config.global_batch_size)}, "
+                         f"+{extra.total / (per_step['routed'] / 2 / config.global_batch_size):.1%} over the routed step")
     else:
         lines.append(f"model FLOPs per step: no analytic count for {type(model.abstract_model).__name__}")
 

@@ -28,6 +28,7 @@ from tread_jax.models.dinov2 import (
     CONFIG_FILE,
     DINOV2_REPOS,
     DinoV2,
+    DinoV2Config,
     load_dinov2,
     normalize_imagenet,
     read_config,
@@ -39,9 +40,12 @@ from tread_jax.routing import RoutePlan, gather_tokens
 # REPA's defaults: projector width and loss weight (train.py --projector-dim, --proj-coeff).
 PROJECTOR_WIDTH = 2048
 COEF = 0.5
-# Feature widths of the published DINOv2 models (their config.json ``hidden_size``): the projector
-# is built from these without reading the weights (sampling a REPA-trained model needs no encoder).
-_WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024}
+# Shapes of the published DINOv2 models (their config.json: hidden_size, num_hidden_layers,
+# num_attention_heads): the projector and the cost estimates use them without reading the weights
+# (sampling a REPA-trained model needs no encoder).
+_SHAPES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
+# The published models with registers have 4 (facebook/dinov2-with-registers-*).
+_REGISTERS = 4
 # torch.nn.functional.normalize's floor on the norm.
 _NORM_EPS = 1e-12
 
@@ -133,16 +137,23 @@ def encoder_features(encoder: DinoV2, images: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(encoder(x))
 
 
-def encoder_width(encoder: str | os.PathLike) -> int:
-    """Feature width of a DINOv2 short name (``dinov2.DINOV2_REPOS``) or a local DINOv2 folder."""
+def encoder_config(encoder: str | os.PathLike) -> DinoV2Config:
+    """The network shape of a DINOv2 short name (``dinov2.DINOV2_REPOS``) or a local DINOv2 folder."""
     name = str(encoder)
     if name in DINOV2_REPOS:
-        return _WIDTHS[name.split("-")[1]]
+        width, layers, heads = _SHAPES[name.split("-")[1]]
+        return DinoV2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                            num_register_tokens=_REGISTERS if name.endswith("-reg") else 0)
     config = Path(name).expanduser() / CONFIG_FILE
     if not config.is_file():
         raise ValueError(f"REPA encoder {name!r} is neither one of {sorted(DINOV2_REPOS)} nor a folder with "
                          f"{CONFIG_FILE}")
-    return read_config(config).hidden_size
+    return read_config(config)
+
+
+def encoder_width(encoder: str | os.PathLike) -> int:
+    """Feature width of a DINOv2 short name or local folder (``encoder_config``)."""
+    return encoder_config(encoder).hidden_size
 
 
 def images_from_uint8(pixels: jax.Array) -> jax.Array:
@@ -157,6 +168,11 @@ def load_encoder(config: ml_collections.ConfigDict) -> tuple[Callable[[Any, jax.
     with antialiasing, as REPA's timm loading does (``dinov2`` module docstring)."""
     model, _ = load_dinov2(config.encoder, image_size=config.encoder_image_size, antialias=True,
                            compute_dtype=jnp.dtype(config.get("encoder_dtype", "bfloat16")))
+    return pure_encoder(model)
+
+
+def pure_encoder(model: DinoV2) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(encode, weights)`` of a built DINOv2: ``encode(weights, images)`` = ``encoder_features``."""
     graphdef, weights = nnx.split(model)
 
     def encode(weights: Any, images: jax.Array) -> jax.Array:

@@ -281,16 +281,6 @@ def features(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array) -> ja
     return nnx.merge(graphdef, params)(images)
 
 
-def forward_macs(config: DinoV2Config, image_size: int) -> int:
-    """Multiply-accumulates of one forward pass for one image (the matrix multiplications, as
-    ``tread_jax.models.flops`` counts DiT): ViT-B/14 at 224 is 23.2 G."""
-    grid, d = image_size // config.patch_size, config.hidden_size
-    n = 1 + config.num_register_tokens + grid * grid
-    patch = grid * grid * 3 * config.patch_size ** 2 * d
-    block = n * (4 * d * d + 2 * d * int(d * config.mlp_ratio)) + 2 * n * n * d
-    return patch + config.num_hidden_layers * block
-
-
 # ------------------------------------------------------------------------------------------------
 # Loading the published (transformers-layout) state dict.
 

@@ -1,4 +1,4 @@
-"""Analytic multiply-accumulate counts for DiT, dense and routed.
+"""Analytic multiply-accumulate counts for DiT, dense and routed, and for REPA's extra work.
 
 Counts the matrix multiplications (the MACs the DiT paper reports as "GFLOPs"); elementwise
 work, softmax and normalisation are left out, as in the paper. Per-block counts take the number
@@ -7,9 +7,15 @@ of tokens the block sees, so a routed forward costs what its kept tokens cost.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import ml_collections
+from flax import nnx
+
 from tread_jax import routing
+from tread_jax.diffusion import repa
+from tread_jax.models.dinov2 import DinoV2Config
 from tread_jax.models.dit import DiT
 
 
@@ -21,13 +27,28 @@ def mlp_macs_per_token(block) -> int:
     return 2 * block.fc1.in_features * block.fc1.out_features
 
 
-def dit_block_macs(num_tokens: int, hidden_size: int, mlp_macs: int) -> int:
-    """MACs of one DiT block for one sample of ``num_tokens`` tokens (``mlp_macs`` per token)."""
+def transformer_block_macs(num_tokens: int, hidden_size: int, mlp_macs: int) -> int:
+    """MACs of one pre-norm transformer block (attention and MLP) for one sample of
+    ``num_tokens`` tokens (``mlp_macs`` per token): DINOv2's block, and DiT's without adaLN."""
     n, d = num_tokens, hidden_size
-    ada = d * 6 * d  # per sample, not per token
     projections = n * (3 * d * d + d * d + mlp_macs)  # qkv, attention out, MLP
     attention = 2 * n * n * d  # q @ k^T and weights @ v over all heads
-    return ada + projections + attention
+    return projections + attention
+
+
+def dit_block_macs(num_tokens: int, hidden_size: int, mlp_macs: int) -> int:
+    """MACs of one DiT block for one sample of ``num_tokens`` tokens (``mlp_macs`` per token)."""
+    ada = hidden_size * 6 * hidden_size  # per sample, not per token
+    return ada + transformer_block_macs(num_tokens, hidden_size, mlp_macs)
+
+
+def block_tokens(depth: int, num_tokens: int, routes: Sequence[routing.Route]) -> list[int]:
+    """Tokens each of ``depth`` blocks sees with ``routes`` applied to ``num_tokens``."""
+    tokens = [num_tokens] * depth
+    for r in routing.active_routes(routing.validate_routes(routes, depth), num_tokens):
+        for i in range(r.start, r.end + 1):
+            tokens[i] = routing.num_kept(num_tokens, r.ratio)
+    return tokens
 
 
 def dit_forward_macs(
@@ -41,10 +62,7 @@ def dit_forward_macs(
     """
     p, d = model.patch_size, model.hidden_size
     n = (height // p) * (width // p)
-    tokens = [n] * model.depth
-    for r in routing.active_routes(routing.validate_routes(routes, model.depth), n):
-        for i in range(r.start, r.end + 1):
-            tokens[i] = routing.num_kept(n, r.ratio)
+    tokens = block_tokens(model.depth, n, routes)
     span = getattr(model, "sprint_span", None)
     if skip_fused and span is None:
         raise ValueError("skip_fused needs a model with a SPRINT span")
@@ -56,3 +74,52 @@ def dit_forward_macs(
     fusion = n * 2 * d * d if span is not None else 0
     blocks = sum(dit_block_macs(k, d, mlp_macs) for k, r in zip(tokens, run) if r)
     return patch + timestep + blocks + fusion + final
+
+
+def dinov2_forward_macs(config: DinoV2Config, image_size: int) -> int:
+    """MACs of one DINOv2 forward pass for one ``image_size`` image: patch embedding and blocks
+    over the class token, the registers and the patch tokens (ViT-B/14 at 224: 23.16 G)."""
+    grid, d = image_size // config.patch_size, config.hidden_size
+    n = 1 + config.num_register_tokens + grid * grid
+    patch = grid * grid * 3 * config.patch_size ** 2 * d
+    mlp = 2 * d * int(d * config.mlp_ratio)
+    return patch + config.num_hidden_layers * transformer_block_macs(n, d, mlp)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepaMacs:
+    """MACs REPA adds to one training image: ``encoder`` (the resize to its input size and its
+    forward, no backward: it runs without gradient), ``projector`` and ``loss`` (forward and
+    backward: three forwards, as the step's count). The backbone's backward from the alignment
+    term is not extra: it shares the denoising loss's backward pass."""
+
+    encoder: int
+    projector: int
+    loss: int
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.projector + self.loss
+
+
+def repa_macs(repa_config: ml_collections.ConfigDict, hidden_size: int, depth: int, image_size: int,
+              num_tokens: int, routes: Sequence[routing.Route] = (), *,
+              encoder: DinoV2Config | None = None) -> RepaMacs:
+    """``RepaMacs`` per image for ``config.repa`` on a backbone of ``depth`` blocks of width
+    ``hidden_size`` and ``num_tokens`` tokens, with clean images of ``image_size`` pixels.
+
+    The projector sees the tokens block ``repa_config.depth`` holds (the kept ones inside a
+    route); the loss is counted as its three reductions per token (the dot product and two
+    squared norms) over the encoder's width. ``encoder``: the encoder's shape, when it is not
+    ``repa_config.encoder``'s (benchmarks of a reduced one).
+    """
+    encoder = encoder or repa.encoder_config(repa_config.encoder)
+    size = repa_config.encoder_image_size
+    # resize_bicubic's two contractions over three channels, when the sizes differ.
+    resize = 3 * size * image_size * (image_size + size) if size != image_size else 0
+    aligned = block_tokens(depth, num_tokens, routes)[repa_config.depth - 1]
+    layers = nnx.eval_shape(lambda: repa.Projector(hidden_size, encoder.hidden_size, width=repa_config.projector_width,
+                                                   rngs=nnx.Rngs(0))).layers
+    projector = aligned * sum(layer.in_features * layer.out_features for layer in layers)
+    return RepaMacs(encoder=resize + dinov2_forward_macs(encoder, size), projector=3 * projector,
+                    loss=3 * 3 * aligned * encoder.hidden_size)
