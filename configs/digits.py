@@ -63,9 +63,9 @@ common = cli.load_config_module(os.path.join(os.path.dirname(__file__), "common.
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    """``variant``: None (DiT), "ssm" or "sprint" (the text after ``:`` in ``--config``)."""
-    if variant not in (None, "", "ssm", "sprint"):
-        raise ValueError(f"unknown digits variant {variant!r}; known: ssm, sprint")
+    """``variant``: None (DiT), "ssm", "sprint" or "modern" (the text after ``:`` in ``--config``)."""
+    if variant not in (None, "", "ssm", "sprint", "modern"):
+        raise ValueError(f"unknown digits variant {variant!r}; known: ssm, sprint, modern")
     config = common.base_config()
 
     config.model.name = "DiT-S/2"  # named size, then resized by the overrides below
@@ -97,6 +97,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     if variant == "sprint":
         config.routes = (dict(start=1, end=3, ratio=0.75, group=2, rejoin="sprint", path_drop=0.1),)
+    if variant == "modern":
+        config.model.overrides = dict(config.model.overrides, block="modern")
     if variant == "ssm":
         config.model.name = "SSM-S/2"
         config.model.overrides = dict(depth=6, hidden_size=128, d_state=16, scan_method="sequential")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tread_jax import routing
+import trainer_testlib as tl
+from tread_jax import routing, train
 from tread_jax.models import create_model, model_spec
 from tread_jax.models.dit import ModernDiTBlock
 from tread_jax.models.layers import apply_rope, rms_norm, rope_angles_2d, sincos_pos_embed_2d, unpatchify
@@ -165,3 +166,19 @@ def test_lightningdit_names_build_the_modern_block_at_dits_sizes():
                                                 num_classes=1000, rngs=nnx.Rngs(0)))
     assert isinstance(model.blocks[0], ModernDiTBlock) and len(model.blocks) == 12
     assert model_spec("DiT-B/2")[1] == dict(depth=12, hidden_size=768, num_heads=12, patch_size=2)
+
+
+def test_digits_variant_is_the_default_with_the_modern_block_and_trains(tmp_path):
+    config, default = tl.load_config(variant="modern"), tl.load_config()
+    assert dict(config.model.overrides) == dict(default.model.overrides, block="modern")
+    config.model.overrides = dict(default.model.overrides)
+    assert config.to_dict() == default.to_dict()  # nothing else differs
+    config = tl.load_config(variant="modern")
+    config.model.overrides = dict(config.model.overrides, depth=2, hidden_size=16, num_heads=2)
+    config.routes = [dict(start=0, end=0, ratio=0.5)]
+    config.data.data_dir = str(tmp_path / "data")
+    config.global_batch_size, config.num_train_steps = 16, 3
+    config.log_every, config.checkpoint_every = 1, 3
+    config.sample.every = 0
+    config.eval.report = ""
+    train.train_and_evaluate(config, str(tmp_path / "work"))
