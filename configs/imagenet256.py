@@ -8,9 +8,10 @@ Command (from the repository root), after preparing the latents once:
         --config.data.data_dir=/data/tfds --workdir=/ckpt/dit_xl2_tread
 
 Variants (the text after ``:``; no text = ``dit_xl2_tread``, the paper's headline run):
-``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2``, ``ssm_b2`` (dense
-baselines), the same names with ``_tread`` (``routing.default_route``: one route over blocks
-2..depth-4 at ratio 0.5: S/B 2->8, L 2->20, XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``:
+``dit_s2``, ``dit_b2``, ``dit_l2``, ``dit_xl2``, ``sit_b2``, ``sit_xl2``, ``ssm_b2``,
+``lightningdit_xl2`` (dense baselines; LightningDiT below), the same names with ``_tread``
+(``routing.default_route``: one route over blocks 2..depth-4 at ratio 0.5: S/B 2->8, L 2->20,
+XL 2->24, SSM-B 2->15), and ``<model>_tread_ft``:
 the dense fine-tune of a routed run (the paper's guided "(F)" rows), which starts from the
 routed run's checkpoint with routing off:
 
@@ -56,6 +57,39 @@ use into ``$TREAD_JAX_CACHE/dinov2-vitb14/`` (or place them there):
 Expected (from the paper, not measured here): SiT-XL/2 + REPA, FID-50K 5.9 at 400K steps
 without guidance (SiT-XL/2 alone: 8.3 at 7M steps). TREAD + REPA together was not measured
 by either paper nor here.
+
+LightningDiT (Yao et al. 2025, arXiv 2501.01423; github.com/hustvl/LightningDiT) variants
+``lightningdit_xl2`` (dense) and ``lightningdit_xl2_tread`` (one route over blocks 2..24 at ratio
+0.5, ``routing.default_route``): the TREAD paper's LightningDiT setting as far as our VAE allows.
+The model is ``LightningDiT-XL/2`` (DiT-XL's 28 blocks of width 1152 with the modern block as
+LightningDiT's released config: SwiGLU, RMSNorm, 2-D RoPE, the fixed sin-cos table, adaLN with
+shift, no QK-norm; 674.9M parameters at 32x32x4, DiT-XL/2's 674.8M), the flow objective with
+logit-normal(0, 1) timesteps, and LightningDiT's released training schedule
+(``configs/lightningdit_xl_vavae_f16d32.yaml`` with ``train.py``): 80K steps at global batch
+1024, AdamW lr 2e-4, betas 0.9/0.95, no weight decay, no warmup, no gradient clipping, EMA
+0.9999, label dropout 0.1:
+
+    python -m tread_jax.main --config=configs/imagenet256.py:lightningdit_xl2_tread \
+        --config.data.data_dir=/data/tfds --workdir=/ckpt/lightningdit_xl2_tread
+
+Expected (from the TREAD paper, not measured here): LightningDiT FID 5.14 dense, 3.71 with
+TREAD, at 80K steps. What differs from that setting:
+- VAE: ours is SD-VAE (``stabilityai/sd-vae-ft-ema``, 32x32x4 latents scaled by 0.18215) at
+  patch 2; LightningDiT's is its VA-VAE (f16d32: 16x16x32 latents, normalised per channel) at
+  patch 1 (``LightningDiT-XL/1``). Both give 256 tokens of the same width, so the transformer's
+  cost is the same, but the latent space is not, and VA-VAE's alignment with DINOv2 is much of
+  LightningDiT's fast convergence: FIDs are not comparable across the two.
+- Loss: LightningDiT adds a velocity-direction term (``use_cosine_loss``: 1 - cosine
+  similarity of predicted and target velocity per sample), which we do not implement; ours is
+  the mean squared velocity error alone.
+- Time: LightningDiT's path runs from noise at t=0 to data at t=1; ours the other way (the flow
+  objective's docstring). The logit-normal(0, 1) density is symmetric, so the training
+  distribution is the same; a LightningDiT checkpoint would need t -> 1 - t and v -> -v.
+- Sampling: LightningDiT's FID-50K uses Euler with 250 steps, a timestep shift 0.3 and, with
+  guidance, a guidance interval; our flow sampler is Euler with 250 steps, no shift.
+- Route: these variants take TREAD's default (blocks 2..depth-4, ratio 0.5); the route the
+  TREAD paper used for its LightningDiT row was not checked against the paper here.
+- ``_tread_ft`` appends this repository's 100K dense steps, as for the other models.
 
 DiT = EDM objective (as the published TREAD code); SiT = the same network with the flow
 objective; SSM = the Mamba-style backbone (SSM-B/2, 112.6M parameters, 19 blocks; the paper's
@@ -107,10 +141,17 @@ MODELS = {
     "sit_b2": ("DiT-B/2", "flow"),
     "sit_xl2": ("DiT-XL/2", "flow"),
     "ssm_b2": ("SSM-B/2", "edm"),
+    "lightningdit_xl2": ("LightningDiT-XL/2", "flow"),
 }
 DEFAULT_VARIANT = "dit_xl2_tread"
 TRAIN_STEPS = 400_000
 FINETUNE_STEPS = 100_000
+# LightningDiT's released schedule (configs/lightningdit_xl_vavae_f16d32.yaml, train.py): the
+# AdamW betas are (0.9, beta2), weight decay 0, no clipping (no max_grad_norm in the config).
+LIGHTNINGDIT_TRAIN_STEPS = 80_000
+LIGHTNINGDIT_BATCH = 1024
+LIGHTNINGDIT_LR = 2e-4
+LIGHTNINGDIT_B2 = 0.95
 # SPRINT's published schedule (SIT_XL_SPRINT_256.yaml and _ft.yaml).
 SPRINT_TRAIN_STEPS = 2_000_000
 SPRINT_FINETUNE_STEPS = 200_000
@@ -172,6 +213,11 @@ def build(variant: str | None, resolution: int) -> ml_collections.ConfigDict:
     config.data.vae = "stabilityai/sd-vae-ft-ema"  # decodes sample grids and evaluation samples
 
     config.num_train_steps = TRAIN_STEPS + (FINETUNE_STEPS if finetune else 0)
+    if base.startswith("lightningdit"):
+        config.num_train_steps = LIGHTNINGDIT_TRAIN_STEPS + (FINETUNE_STEPS if finetune else 0)
+        config.global_batch_size = LIGHTNINGDIT_BATCH
+        config.optim.learning_rate = LIGHTNINGDIT_LR
+        config.optim.b2 = LIGHTNINGDIT_B2
     if method == "sprint":
         config.optim.grad_clip = 1.0
         config.num_train_steps = SPRINT_TRAIN_STEPS + (SPRINT_FINETUNE_STEPS if finetune else 0)

@@ -292,6 +292,26 @@ def test_paper_variants_build():
         _load_config("imagenet256", "dit_xl2_ft")
 
 
+def test_lightningdit_variants_take_lightningdits_released_schedule():
+    """configs/lightningdit_xl_vavae_f16d32.yaml of hustvl/LightningDiT: 80K steps at batch 1024,
+    AdamW 2e-4 with beta2 0.95; rectified flow with logit-normal(0, 1) timesteps."""
+    for suffix, routes in (("", ()), ("_tread", (routing.Route(2, 24, 0.5),))):
+        config = _load_config("imagenet256", "lightningdit_xl2" + suffix)
+        assert (config.model.name, dict(config.model.overrides), config.diffusion.name) == ("LightningDiT-XL/2", {}, "flow")
+        assert (config.diffusion.logit_mean, config.diffusion.logit_std) == (0.0, 1.0)
+        assert routing.parse_routes(config.routes) == routes
+        assert (config.num_train_steps, config.global_batch_size) == (80_000, 1024)
+        optim = config.optim
+        assert (optim.learning_rate, optim.b1, optim.b2, optim.weight_decay, optim.warmup_steps, optim.grad_clip) == (
+            2e-4, 0.9, 0.95, 0.0, 0, 0.0)
+        assert (config.ema_decay, config.label_dropout, config.data.name) == (0.9999, 0.1, "imagenet256_latents")
+    abstract = nnx.eval_shape(lambda: models.create_model(
+        "LightningDiT-XL/2", input_size=32, in_channels=4, num_classes=1000, rngs=nnx.Rngs(0)))
+    assert abstract.blocks[0].q_norm is None  # the released config's use_qknorm: false
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == 674_924_944
+    assert _load_config("imagenet256", "dit_xl2").optim.b2 == 0.999  # the others keep the paper's
+
+
 def test_train_step_draws_fresh_latents_around_the_stored_mean():
     from tread_jax import train_step
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tread_jax import routing
+import trainer_testlib as tl
+from tread_jax import routing, train
 from tread_jax.models import create_model, model_spec
 from tread_jax.models.dit import ModernDiTBlock
-from tread_jax.models.layers import apply_rope, rms_norm, rope_angles_2d, unpatchify
+from tread_jax.models.layers import apply_rope, rms_norm, rope_angles_2d, sincos_pos_embed_2d, unpatchify
 
 HIDDEN, HEADS = 32, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -25,13 +26,13 @@ def _randomise(module: nnx.Module, seed: int) -> None:
 
 
 def _rope_reference(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, theta: float = 10000.0) -> np.ndarray:
-    """RoPE written as complex rotations: pair j of ``x[n, h]`` is ``x[j] + i x[j + d/2]``, turned
+    """RoPE written as complex rotations: pair j of ``x[n, h]`` is ``x[2j] + i x[2j + 1]``, turned
     by ``row * w_j`` for the first d/4 pairs and ``col * w_(j - d/4)`` for the others."""
     d = x.shape[-1]
     w = theta ** (-np.arange(d // 4) / (d // 4))
     angle = np.concatenate([rows[:, None] * w, cols[:, None] * w], axis=1)  # [N, d/2]
-    z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * angle)[:, None, :]
-    return np.concatenate([z.real, z.imag], axis=-1)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angle)[:, None, :]
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
 
 
 def test_rms_norm_formula():
@@ -103,8 +104,8 @@ def _tiny_model(**kw) -> nnx.Module:
 
 def test_routed_forward_equals_a_per_sample_reference_with_original_coordinates():
     """Route blocks 1..2: each sample's kept tokens run those blocks with RoPE at their original
-    grid coordinates; the reference runs the model's pieces per sample, positions by hand, and
-    adds no absolute position table (RoPE replaces it)."""
+    grid coordinates; the reference runs the model's pieces per sample, positions by hand, after
+    adding the fixed sin-cos table (LightningDiT keeps it under RoPE)."""
     model = _tiny_model()
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 8, 8, 4)), jnp.float32)
@@ -116,7 +117,7 @@ def test_routed_forward_equals_a_per_sample_reference_with_original_coordinates(
     grid = 4
     everything = np.arange(16)
     for b in range(3):
-        tokens = model.patch_embed(x[b:b + 1])
+        tokens = model.patch_embed(x[b:b + 1]) + sincos_pos_embed_2d(HIDDEN, 4, 4)
         c = model.t_embedder(t[b:b + 1]) + model.y_embedder(y[b:b + 1])
         angles = lambda pos: rope_angles_2d(pos // grid, pos % grid, HEAD_DIM)  # noqa: E731
         tokens = model.blocks[0](tokens, c, angles(everything))
@@ -153,13 +154,31 @@ def test_gradients_through_scan_and_remat_equal_the_plain_path():
     want, got = grads(plain), grads(fast)
     for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
         a, b = np.asarray(a), np.asarray(b)
-        assert np.abs(b - a).max() <= 1e-5 * np.abs(a).max(), path
+        # 1e-4: the q_norm scale's gradient (a sum with cancellation) already differs by ~9e-5
+        # between the plain path jitted and run eagerly; a wrong scan or remat is off by O(1).
+        assert np.abs(b - a).max() <= 1e-4 * np.abs(a).max(), path
 
 
 def test_lightningdit_names_build_the_modern_block_at_dits_sizes():
     cls, kwargs = model_spec("LightningDiT-XL/1")
-    assert kwargs == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, block="modern")
+    assert kwargs == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, block="modern", qk_norm=False)
     model = nnx.eval_shape(lambda: create_model("LightningDiT-B/2", input_size=32, in_channels=4,
                                                 num_classes=1000, rngs=nnx.Rngs(0)))
     assert isinstance(model.blocks[0], ModernDiTBlock) and len(model.blocks) == 12
     assert model_spec("DiT-B/2")[1] == dict(depth=12, hidden_size=768, num_heads=12, patch_size=2)
+
+
+def test_digits_variant_is_the_default_with_the_modern_block_and_trains(tmp_path):
+    config, default = tl.load_config(variant="modern"), tl.load_config()
+    assert dict(config.model.overrides) == dict(default.model.overrides, block="modern")
+    config.model.overrides = dict(default.model.overrides)
+    assert config.to_dict() == default.to_dict()  # nothing else differs
+    config = tl.load_config(variant="modern")
+    config.model.overrides = dict(config.model.overrides, depth=2, hidden_size=16, num_heads=2)
+    config.routes = [dict(start=0, end=0, ratio=0.5)]
+    config.data.data_dir = str(tmp_path / "data")
+    config.global_batch_size, config.num_train_steps = 16, 3
+    config.log_every, config.checkpoint_every = 1, 3
+    config.sample.every = 0
+    config.eval.report = ""
+    train.train_and_evaluate(config, str(tmp_path / "work"))

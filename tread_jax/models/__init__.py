@@ -29,11 +29,13 @@ SSM_SIZES = {
 # Patch 1 (listed last, so the first name stays DiT-S/2): LightningDiT's paper names.
 PATCH_SIZES = (2, 4, 8, 1)
 # family -> (class, sizes, fixed arguments). LightningDiT (Yao et al. 2025) is DiT's sizes with
-# the modern block; the paper's names are at patch 1 on 16x16 latents (LightningDiT-XL/1).
+# the modern block as its released config (configs/lightningdit_xl_vavae_f16d32.yaml: SwiGLU,
+# RoPE, RMSNorm, adaLN with shift, no QK-norm); the paper's names are at patch 1 on 16x16
+# latents (LightningDiT-XL/1). S and patches 4, 8 are ours.
 FAMILIES = {
     "DiT": (DiT, DIT_SIZES, {}),
     "SSM": (SSM, SSM_SIZES, {}),
-    "LightningDiT": (DiT, DIT_SIZES, {"block": "modern"}),
+    "LightningDiT": (DiT, DIT_SIZES, {"block": "modern", "qk_norm": False}),
 }
 
 _NAME = re.compile(r"^(?P<family>[A-Za-z]+)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")

@@ -48,7 +48,8 @@ class Backbone(nnx.Module):
     stretch instead of one per layer; the stored parameters keep their per-block layout, so
     checkpoints and weight conversion do not depend on it. On XLA:CPU it compiles DiT-XL/2's
     step slower, not faster (benchmarks/README.md); it is there for accelerators, where it is
-    not measured yet. ``remat`` is a key of ``REMAT_POLICIES``.
+    not measured yet. ``remat`` is a key of ``REMAT_POLICIES``. ``final_norm``: the final
+    layer's norm (``FinalLayer``).
 
     ``repa_depth=k`` (REPA, ``tread_jax.diffusion.repa``) also returns the tokens coming out of
     block ``k`` (1-based): the stretch holding that block is run in two parts, which changes
@@ -58,7 +59,6 @@ class Backbone(nnx.Module):
     """
 
     keep_order = False  # True for blocks that depend on token order (scans)
-    absolute_positions = True  # False for blocks that position tokens themselves (RoPE)
     scannable = True  # False where blocks differ in more than their weights
 
     def __init__(
@@ -77,6 +77,7 @@ class Backbone(nnx.Module):
         scan_blocks: bool = False,
         remat: str = "none",
         sprint_span: tuple[int, int] | None = None,
+        final_norm: str = "layer",
         rngs: nnx.Rngs,
     ):
         if input_size % patch_size:
@@ -99,7 +100,7 @@ class Backbone(nnx.Module):
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size, rngs=rngs)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, rngs=rngs)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, rngs=rngs)
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, rngs=rngs)
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=final_norm, rngs=rngs)
         self.sprint_span = None if sprint_span is None else tuple(int(b) for b in sprint_span)
         if self.sprint_span is not None:
             routing.validate_routes((routing.Route(*self.sprint_span, 0.0, rejoin="sprint"),), depth)
@@ -172,9 +173,7 @@ class Backbone(nnx.Module):
             routing.check_plan(route_plan, depth=self.depth, num_tokens=num_tokens, keep_order=self.keep_order,
                                fused_span=self.sprint_span)
         pos = sincos_pos_embed_2d(self.hidden_size, *grid)
-        tokens = self.patch_embed(x.astype(self.compute_dtype))
-        if self.absolute_positions:
-            tokens = tokens + pos.astype(self.compute_dtype)
+        tokens = self.patch_embed(x.astype(self.compute_dtype)) + pos.astype(self.compute_dtype)
         c = (self.t_embedder(noise_labels) + self.y_embedder(class_labels)).astype(self.compute_dtype)
         fusion = None
         if self.sprint_span is not None:

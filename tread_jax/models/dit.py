@@ -1,9 +1,14 @@
 """DiT (Peebles & Xie, 2023) with TREAD routing over its blocks, and a modern block option.
 
-``block="modern"`` swaps the 2023 block for the LightningDiT recipe (Yao et al. 2025): RMSNorm,
-QK-normalisation, 2-D axial rotary position embeddings instead of the absolute table, and a
-SwiGLU MLP, still conditioned by adaLN-Zero. Under routing the kept tokens keep their original
-grid coordinates for RoPE.
+``block="modern"`` swaps the 2023 block for the LightningDiT recipe (Yao et al. 2025,
+github.com/hustvl/LightningDiT ``models/lightningdit.py``): RMSNorm with a learned scale (also in
+the final layer), optional QK-normalisation, 2-D axial rotary position embeddings (EVA-02's
+layout) and a SwiGLU MLP, still conditioned by adaLN-Zero with shift. As LightningDiT, the fixed
+sin-cos position table is still added to the patch tokens: RoPE comes on top of it. Under
+routing the kept tokens keep their original grid coordinates for RoPE (and carry their table
+entry with them). Same random weights, same outputs as LightningDiT's block and final layer
+(tests/test_lightningdit_parity.py); its checkpoints differ only in layout (``w12`` is our
+``gate`` and ``up`` concatenated, torch ``Linear`` weights transposed).
 """
 
 from __future__ import annotations
@@ -69,9 +74,10 @@ class DiTBlock(nnx.Module):
 
 
 class ModernDiTBlock(nnx.Module):
-    """adaLN-Zero block with RMSNorm, QK-norm (RMSNorm with a learned scale per head dimension),
-    2-D RoPE on queries and keys, and a SwiGLU MLP of ``int(2/3 * mlp_ratio * D)`` hidden units
-    (the parameter count of the GELU MLP it replaces)."""
+    """adaLN-Zero block with RMSNorm (learned scale, eps 1e-6), optional QK-norm (the same RMSNorm
+    per head), 2-D RoPE on queries and keys after QK-norm, and a SwiGLU MLP of
+    ``int(2/3 * int(mlp_ratio * D))`` hidden units (the parameter count of the GELU MLP it
+    replaces), biases everywhere, as LightningDiT's ``LightningDiTBlock``."""
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class ModernDiTBlock(nnx.Module):
         mlp_ratio: float,
         *,
         attention_impl: str | None,
+        qk_norm: bool = True,
         rngs: nnx.Rngs,
     ):
         if hidden_size % num_heads or (hidden_size // num_heads) % 4:
@@ -90,9 +97,11 @@ class ModernDiTBlock(nnx.Module):
         self.num_heads = num_heads
         self.attention_impl = attention_impl
         self.ada = dense(hidden_size, 6 * hidden_size, kernel_init=zeros, rngs=rngs)
+        self.norm1 = nnx.Param(jnp.ones((hidden_size,), jnp.float32))
+        self.norm2 = nnx.Param(jnp.ones((hidden_size,), jnp.float32))
         self.qkv = dense(hidden_size, 3 * hidden_size, rngs=rngs)
-        self.q_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32))
-        self.k_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32))
+        self.q_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32)) if qk_norm else None
+        self.k_norm = nnx.Param(jnp.ones((head_dim,), jnp.float32)) if qk_norm else None
         self.attn_out = dense(hidden_size, hidden_size, rngs=rngs)
         self.gate = dense(hidden_size, mlp_hidden, rngs=rngs)
         self.up = dense(hidden_size, mlp_hidden, rngs=rngs)
@@ -101,8 +110,9 @@ class ModernDiTBlock(nnx.Module):
     def attention(self, x: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
         qkv = einops.rearrange(self.qkv(x), "b n (qkv h d) -> b n qkv h d", qkv=3, h=self.num_heads)
         q, k, v = jnp.unstack(qkv, axis=2)
-        q = apply_rope(rms_norm(q, self.q_norm[...]), angles)
-        k = apply_rope(rms_norm(k, self.k_norm[...]), angles)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm[...]), rms_norm(k, self.k_norm[...])
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         return self.attn_out(einops.rearrange(out, "b n h d -> b n (h d)"))
 
@@ -112,8 +122,8 @@ class ModernDiTBlock(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
         """``angles``: the RoPE angles of the tokens ``x`` holds (``rope_angles_2d``)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, axis=-1)
-        x = x + gate1[:, None] * self.attention(modulate(rms_norm(x), shift1, scale1), angles)
-        return x + gate2[:, None] * self.mlp(modulate(rms_norm(x), shift2, scale2))
+        x = x + gate1[:, None] * self.attention(modulate(rms_norm(x, self.norm1[...]), shift1, scale1), angles)
+        return x + gate2[:, None] * self.mlp(modulate(rms_norm(x, self.norm2[...]), shift2, scale2))
 
 
 class DiT(Backbone):
@@ -128,23 +138,26 @@ class DiT(Backbone):
         attention_impl: str | None = None,
         block: str = "dit",
         rope_theta: float = 10000.0,
+        qk_norm: bool = True,
         rngs: nnx.Rngs,
         **trunk,
     ):
         """``trunk``: the :class:`Backbone` arguments (input_size, patch_size, depth, ...).
         ``block``: "dit" (the 2023 block) or "modern" (:class:`ModernDiTBlock`, with RoPE of base
-        ``rope_theta`` in place of the absolute position table)."""
+        ``rope_theta`` and an RMSNorm final layer); ``qk_norm`` (modern only): QK-normalisation,
+        which LightningDiT offers but its released configs turn off (``use_qknorm: false``)."""
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
-        super().__init__(hidden_size=hidden_size, rngs=rngs, **trunk)
+        super().__init__(hidden_size=hidden_size, rngs=rngs, final_norm="layer" if block == "dit" else "rms",
+                         **trunk)
         self.block = block
         self.rope_theta = rope_theta
         self.head_dim = hidden_size // num_heads
-        self.absolute_positions = block == "dit"
+        extra = {} if block == "dit" else {"qk_norm": qk_norm}
         block_class = DiTBlock if block == "dit" else ModernDiTBlock
         self.blocks = nnx.List(
             [
-                block_class(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs)
+                block_class(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs, **extra)
                 for _ in range(self.depth)
             ]
         )

@@ -83,10 +83,12 @@ def rope_angles_2d(rows: jax.Array | np.ndarray, cols: jax.Array | np.ndarray, h
                    theta: float = 10000.0) -> jax.Array | np.ndarray:
     """2-D axial rotary angles ``[..., head_dim // 2]`` for tokens at grid ``(rows, cols)``.
 
-    The first half of the rotated pairs turns with the row, the second with the column, each at
-    the frequencies ``theta ** (-j / (head_dim // 4))``, ``j < head_dim // 4`` (RoPE, Su et al.
-    2021, applied per axis as in EVA-02 and LightningDiT). numpy positions give numpy angles
-    (static under jit); jax positions, such as a route's kept tokens, give jax angles.
+    The first half of the rotated pairs (the first half of the head dimensions) turns with the
+    row, the second with the column, each at the frequencies ``theta ** (-j / (head_dim // 4))``,
+    ``j < head_dim // 4`` (RoPE, Su et al. 2021, per axis as EVA-02's
+    ``VisionRotaryEmbeddingFast``, which LightningDiT uses with ``pt_seq_len = ft_seq_len``, so
+    positions are the integer grid coordinates). numpy positions give numpy angles (static under
+    jit); jax positions, such as a route's kept tokens, give jax angles.
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
@@ -99,14 +101,17 @@ def rope_angles_2d(rows: jax.Array | np.ndarray, cols: jax.Array | np.ndarray, h
 
 
 def apply_rope(x: jax.Array, angles: jax.Array | np.ndarray) -> jax.Array:
-    """Rotates ``x: [B, N, H, d]`` by ``angles: [N, d/2]`` or ``[B, N, d/2]``: the pairs
-    ``(x[..., j], x[..., j + d/2])`` turn by ``angles[..., j]`` (the "rotate half" layout)."""
+    """Rotates ``x: [B, N, H, d]`` by ``angles: [N, d/2]`` or ``[B, N, d/2]``: the adjacent pairs
+    ``(x[..., 2j], x[..., 2j + 1])`` turn by ``angles[..., j]`` (EVA-02's interleaved
+    ``rotate_half``, so LightningDiT's q/k layout needs no permutation)."""
     angles = jnp.asarray(angles, jnp.float32)
     if angles.ndim == 2:
         angles = angles[None]
     cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -194,12 +199,21 @@ class LabelEmbedder(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    """adaLN-modulated LayerNorm and a zero-initialised projection to patch pixels."""
+    """adaLN-modulated norm and a zero-initialised projection to patch pixels.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs):
+    ``norm``: "layer" (DiT's LayerNorm without affine parameters) or "rms" (LightningDiT's
+    RMSNorm with a learned scale, initialised to ones).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, norm: str = "layer",
+                 rngs: nnx.Rngs):
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"unknown final norm {norm!r}; expected 'layer' or 'rms'")
+        self.norm_scale = nnx.Param(jnp.ones((hidden_size,), jnp.float32)) if norm == "rms" else None
         self.ada = dense(hidden_size, 2 * hidden_size, kernel_init=zeros, rngs=rngs)
         self.proj = dense(hidden_size, patch_size * patch_size * out_channels, kernel_init=zeros, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.ada(jax.nn.silu(c)), 2, axis=-1)
-        return self.proj(modulate(layer_norm(x), shift, scale))
+        normed = layer_norm(x) if self.norm_scale is None else rms_norm(x, self.norm_scale[...])
+        return self.proj(modulate(normed, shift, scale))
