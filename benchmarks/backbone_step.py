@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tread_jax import diffusion, models, routing
+from tread_jax import diffusion, host_allocator, models, routing
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -114,4 +114,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()  # as the trainer runs (tread_jax.main)
     main()

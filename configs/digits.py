@@ -99,5 +99,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.routes = (dict(start=1, end=3, ratio=0.75, group=2, rejoin="sprint", path_drop=0.1),)
     if variant == "ssm":
         config.model.name = "SSM-S/2"
-        config.model.overrides = dict(depth=6, hidden_size=128, d_state=16, scan_method="sequential")
+        config.model.overrides = dict(depth=6, hidden_size=128, expand=1, scan_method="sequential")
     return config
