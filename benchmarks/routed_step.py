@@ -11,7 +11,8 @@ order) so that load from other processes hits all alike. Prints the steps/s medi
 trainer/reference time ratios, each program's routed/dense time ratio and the analytic FLOP
 ratio (``tread_jax.models.flops``), the issue's targets.
 
-glibc's allocator settings (``tread_jax.host_allocator``) are compared by ``host_allocator.py``.
+It runs under the trainer's allocator settings (``tread_jax.host_allocator``: it re-executes itself
+as the binaries do); ``host_allocator.py`` compares them with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 import minimal_reference
 from backbone_step import digits_config
-from tread_jax import data, diffusion, routing, train_state
+from tread_jax import data, diffusion, host_allocator, routing, train_state
 from tread_jax.model_builder import ModelBuilder
 from tread_jax.models import flops
 from tread_jax.train_step import make_train_step
@@ -135,4 +136,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()  # as the trainer runs (tread_jax.main)
     main()
