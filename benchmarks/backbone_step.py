@@ -8,11 +8,18 @@ update, batch 64 of 8x8x1 inputs. Each model's step is compiled first; then the 
 repetitions alternate (DiT, SSM, SSM, DiT, ...) so that load from other processes on a shared
 machine hits both alike. Prints steps/s medians and the SSM/DiT speed ratio.
 
-Measured 2026-11-30 on the shared 2-core CPU (defaults, two runs each, load average 1-3): DiT
-18-20.5 steps/s; SSM 4.3-5.9 steps/s, ratio 0.23-0.28. Before the SSM's scan got its [batch, N, D]
-state and written-out gradient: SSM 3.3-3.5 steps/s, ratio 0.18-0.20. The target of the issue, 0.5,
-is not met: the selective scan's state (d_inner x d_state = 4096 floats per token and direction)
-makes every elementwise step 32x wider than the DiT's 128-wide tokens.
+It runs under the trainer's allocator settings (``tread_jax.host_allocator``: it re-executes
+itself as the binaries do).
+
+Measured 2026-11-30 on the 2-core CPU (load average 1.4-1.5), defaults: DiT 26.8 steps/s, SSM
+13.7, SSM/DiT 0.51 (``--dense``: 21.0, 11.6, 0.55), the SSM being the ``:ssm`` variant as it is
+now (expand 1, state 16). The way there, SSM/DiT: 0.18-0.20 with autodiff of the sequential scan;
+0.23-0.28 (0.26 idle) after its [batch, N, D] state and written-out gradient; in one run under
+load 3-4 with the allocator settings and the scan paths as layout operations, 0.33 at expand 2
+and state 16 (the previous variant), 0.44 at state 8, 0.55 at state 4, 0.57 at expand 1 and 0.72
+at expand 1 and state 8. The selective scan's state (expand x width x state floats per token and
+direction: 4096 at expand 2, state 16) makes each of its elementwise steps 32x wider than the
+DiT's 128-wide tokens; the variant halves it with ``expand=1``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tread_jax import diffusion, models, routing
+from tread_jax import diffusion, host_allocator, models, routing
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -114,4 +121,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()  # as the trainer runs (tread_jax.main)
     main()

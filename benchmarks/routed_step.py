@@ -1,6 +1,6 @@
 """The trainer's digits train step against the minimal plain-JAX reference, dense and routed.
 
-    python benchmarks/routed_step.py [--reps 15] [--steps 5] [--malloc_rounds 0]
+    python benchmarks/routed_step.py [--reps 15] [--steps 5]
 
 Four jitted programs, each one train step per call on the same batch already on the device (the
 loop's host work is not in it): the trainer's step (``tread_jax.train_step.make_train_step``
@@ -11,19 +11,15 @@ order) so that load from other processes hits all alike. Prints the steps/s medi
 trainer/reference time ratios, each program's routed/dense time ratio and the analytic FLOP
 ratio (``tread_jax.models.flops``), the issue's targets.
 
-``--malloc_rounds N`` instead runs this benchmark 3N times as subprocesses, rotating: glibc's
-defaults, its mmap and trim thresholds raised by environment (``MALLOC_ENV``), and the same set
-by ``mallopt`` inside the process; prints each one's steps/s over the defaults'.
+It runs under the trainer's allocator settings (``tread_jax.host_allocator``: it re-executes itself
+as the binaries do); ``host_allocator.py`` compares them with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,23 +29,10 @@ import jax.numpy as jnp
 
 import minimal_reference
 from backbone_step import digits_config
-from tread_jax import data, diffusion, routing, train_state
+from tread_jax import data, diffusion, host_allocator, routing, train_state
 from tread_jax.model_builder import ModelBuilder
 from tread_jax.models import flops
 from tread_jax.train_step import make_train_step
-
-# Large temporaries stay in the heap instead of being mmapped (and page-faulted) on every step.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-# The same thresholds set from inside the process (glibc's mallopt: M_TRIM_THRESHOLD = -1,
-# M_MMAP_THRESHOLD = -3), before the script runs: what a trainer could do at start-up.
-MALLOPT_THEN_RUN = (
-    "import ctypes, runpy, sys; libc = ctypes.CDLL('libc.so.6'); "
-    "print('mallopt', libc.mallopt(-1, 2**31 - 1), libc.mallopt(-3, 2**31 - 1), file=sys.stderr); "
-    "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rpartition('/')[0]); "
-    "runpy.run_path(sys.argv[0], run_name='__main__')"
-)
-MALLOC_MODES = ("default", "environment", "mallopt")
-
 
 def digits_setup(depth: int | None, width: int | None, heads: int | None,
                  patch: int | None = None) -> tuple[Any, ModelBuilder]:
@@ -127,28 +110,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def malloc_comparison(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
-    """This benchmark in subprocesses, rotating the ways of setting glibc's thresholds:
-    steps/s of each way over the default's (medians over rounds)."""
-    speed: dict[str, list[dict[str, float]]] = {mode: [] for mode in MALLOC_MODES}
-    modes = list(MALLOC_MODES)
-    for rnd in range(args.malloc_rounds):
-        for mode in modes[rnd % len(modes):] + modes[: rnd % len(modes)]:
-            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-            env.update(MALLOC_ENV if mode == "environment" else {})
-            prefix = ["-c", MALLOPT_THEN_RUN] if mode == "mallopt" else []
-            out = subprocess.run([sys.executable, *prefix, __file__, *argv, "--malloc_rounds=0", "--json"], env=env,
-                                 check=True, capture_output=True, text=True).stdout
-            speed[mode].append(json.loads(out.splitlines()[-1])["steps_per_s"])
-    base = {name: statistics.median(s[name] for s in speed["default"]) for name in speed["default"][0]}
-    ratios = {f"steps/s, {mode} / default": {name: statistics.median(s[name] for s in speed[mode]) / base[name]
-                                             for name in base} for mode in modes[1:]}
-    # Each run's figure too: one process's speed can differ from the next one's for other reasons.
-    each = {f"trainer routed steps/s, {mode} runs": {str(i): s["trainer routed"] for i, s in enumerate(runs)}
-            for mode, runs in speed.items()}
-    return {**ratios, **each}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions per program")
@@ -158,15 +119,9 @@ def main() -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--heads", type=int)
     parser.add_argument("--patch", type=int, help="patch size (1: 64 tokens per digit instead of 16)")
-    parser.add_argument("--malloc_rounds", type=int, default=0,
-                        help="compare glibc malloc settings over this many rounds of subprocess runs")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
-    argv = sys.argv[1:]
-    args = parser.parse_args(argv)
-    if args.malloc_rounds:
-        result = malloc_comparison(args, argv)
-    else:
-        result = measure(args)
+    args = parser.parse_args()
+    result = measure(args)
     if args.json:
         print(json.dumps(result))
         return
@@ -181,4 +136,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()  # as the trainer runs (tread_jax.main)
     main()

@@ -32,12 +32,15 @@ How these settings were chosen (each tried change and its measured ratio): bench
 changed with it (preflight says so).
 
 Variant ``configs/digits.py:ssm``: the same run with the Mamba-style SSM backbone (6 blocks of
-width 128, state 16, sequential scan, the faster one on CPU) routed over blocks 1..3 with the
-kept tokens in scan order. Its train step takes about 4x the DiT's on this CPU
-(``python benchmarks/backbone_step.py``: SSM/DiT steps per second 0.23-0.28, measured
-alternating in one run; 0.26 on an idle CPU on 2026-11-30). Its quality report (idle 2-core CPU,
-2026-11-30; loop 6m06s at about 4.6-5.7 steps/s, whole command 7m40s): accuracy 0.964, Frechet
-ratio 1.317 (draws 1.419 / 1.291 / 1.243): both bars met.
+width 128, mixer expand 1, state 16, sequential scan, the faster one on CPU) routed over blocks
+1..3 with the kept tokens in scan order. Its train step runs at half the DiT's speed on this CPU
+(``python benchmarks/backbone_step.py``, alternating in one run on 2026-11-30, load 1.4: SSM/DiT
+steps per second 0.51 routed, 0.55 dense; expand 2, Mamba's default, was 0.33 and gave accuracy
+0.964 / ratio 1.317). Its quality report (2-core CPU, 2026-11-30, load 2-3.5; loop 3m19s at
+8-13.6 steps/s, whole command 4m23s): accuracy 0.960, Frechet ratio 1.377 (draws 1.464 / 1.365
+/ 1.303): both bars met. Dense at the same 2000 steps (``--config.routes='()'``; loop 3m10s,
+its step 1.2x the routed one's): accuracy 0.972, Frechet ratio 1.271 (draws 1.361 / 1.227 /
+1.224): on the SSM, routing costs quality at equal steps.
 
 Variant ``configs/digits.py:modern``: the default with the modern block (``block="modern"``:
 RMSNorm, QK-norm, 2-D RoPE, SwiGLU; tread_jax/models/dit.py), everything else unchanged. Its
@@ -107,5 +110,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.model.overrides = dict(config.model.overrides, block="modern")
     if variant == "ssm":
         config.model.name = "SSM-S/2"
-        config.model.overrides = dict(depth=6, hidden_size=128, d_state=16, scan_method="sequential")
+        config.model.overrides = dict(depth=6, hidden_size=128, expand=1, scan_method="sequential")
     return config

@@ -20,11 +20,11 @@ from tread_jax.models.layers import sincos_pos_embed_2d, unpatchify
 from tread_jax.models.scan import selective_scan
 from tread_jax.models.ssm import (
     SSM,
+    ScanOrder,
     SelectiveSSM,
     causal_depthwise_conv,
     path_ranks,
     scan_order,
-    to_path,
 )
 
 TINY = dict(hidden_size=16, depth=4, d_state=4, patch_size=2, in_channels=1, out_channels=1, num_classes=3)
@@ -185,11 +185,33 @@ def test_kept_tokens_reach_the_scan_in_ascending_path_position(path):
     positions = routing.select_tokens(jax.random.key(0), batch, grid_h * grid_w, 0.5, keep_order=True)
     # Tokens that carry their own grid position, as the gather hands them to a block.
     tokens = positions[..., None].astype(jnp.float32)
-    seen = np.asarray(to_path(tokens, scan_order(path, grid_h, grid_w, positions))[..., 0]).astype(int)
+    seen = np.asarray(scan_order(path, grid_h, grid_w, positions).to_path(tokens)[..., 0]).astype(int)
     rank = {"row": lambda r, c: r * grid_w + c, "col": lambda r, c: c * grid_h + r}[path.removesuffix("_rev")]
     for b in range(batch):
         expected = sorted(positions[b].tolist(), key=lambda p: rank(*divmod(p, grid_w)), reverse=path.endswith("_rev"))
         assert seen[b].tolist() == expected
+
+
+@pytest.mark.parametrize("path", ["row", "col", "row_rev", "col_rev"])
+@pytest.mark.parametrize("routed", [False, True])
+def test_scan_order_is_the_path_permutation_and_its_gradient(path, routed):
+    grid_h, grid_w, batch = 4, 6, 3
+    positions = routing.select_tokens(jax.random.key(1), batch, grid_h * grid_w, 0.5, keep_order=True)
+    if not routed:
+        positions = jnp.broadcast_to(jnp.arange(grid_h * grid_w), (batch, grid_h * grid_w))
+    # Reference: gather by the ascending path rank of each token, autodiff through it.
+    expected_order = jnp.argsort(jnp.asarray(path_ranks(path, grid_h, grid_w))[positions], axis=-1)
+    order = scan_order(path, grid_h, grid_w, positions if routed else None)
+    x = normal(5, batch, positions.shape[1], 3)
+    weights = normal(6, batch, positions.shape[1], 3)  # a loss that tells every position apart
+    np.testing.assert_array_equal(order.to_path(x), routing.gather_tokens(x, expected_order))
+    np.testing.assert_array_equal(order.from_path(order.to_path(x)), x)
+    for fn, reference in (
+        (order.to_path, lambda v: routing.gather_tokens(v, expected_order)),
+        (order.from_path, lambda v: routing.gather_tokens(v, jnp.argsort(expected_order, axis=-1))),
+    ):
+        grad = jax.grad(lambda v: (fn(v) * weights).sum())(x)
+        np.testing.assert_array_equal(grad, jax.grad(lambda v: (reference(v) * weights).sum())(x))
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -246,7 +268,7 @@ def test_routed_forward_matches_a_hand_built_reference(tiny_model):
         for b in range(2):
             h = tokens[b]
             for i, seq in enumerate(sequences[b]):
-                h = h.at[seq].set(model.blocks[i](h[seq][None], c[b : b + 1], None)[0])
+                h = h.at[seq].set(model.blocks[i](h[seq][None], c[b : b + 1], ScanOrder())[0])
             rows.append(h)
         return unpatchify(model.final_layer(jnp.stack(rows), c), 2, *x.shape[1:3])
 

@@ -41,7 +41,7 @@ import os
 import jax
 from absl import flags
 
-from tread_jax import cli, evaluation, model_builder, pretrained, workdir as workdir_lib
+from tread_jax import cli, evaluation, host_allocator, model_builder, pretrained, workdir as workdir_lib
 from tread_jax.metrics import evaluator
 
 
@@ -103,5 +103,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()
     _define_flags()
     cli.run(main, "tread_jax.evaluate")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from tread_jax import cli, preflight, run_check, runtime, train
+from tread_jax import cli, host_allocator, preflight, run_check, runtime, train
 
 _CONFIG = cli.define_config_flag("Training config file, FILE[:VARIANT] (e.g. configs/imagenet256.py:dit_b2_tread).")
 _WORKDIR = cli.define_workdir_flag("Directory for checkpoints, logs and samples; a rerun resumes from it.")
@@ -38,4 +38,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()
     cli.run(main, "tread_jax")

@@ -51,7 +51,7 @@ from array_record.python import array_record_module
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tread_jax import cli
+from tread_jax import cli, host_allocator
 from tread_jax import vae as vae_lib
 from tread_jax.data import imagenet, latents
 from tread_jax.data.pipeline import default_data_dir
@@ -364,4 +364,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()
     cli.run(main, "prepare_latents")

@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from tread_jax import cli, paths, sharding
+from tread_jax import cli, host_allocator, paths, sharding
 from tread_jax.data import pipeline
 from tread_jax.metrics import evaluator, fid
 
@@ -206,5 +206,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_reusable_heap()
     _define_flags()
     cli.run(main, "tread_jax.metrics.reference_stats")

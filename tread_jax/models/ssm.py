@@ -22,6 +22,7 @@ different paths, but share one gather.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -37,8 +38,6 @@ from tread_jax.models.scan import METHODS, selective_scan
 
 SCAN_PATHS = ("row", "col", "row_rev", "col_rev")
 
-Order = np.ndarray | jax.Array | None
-
 
 # ----------------------------------------------------------------------------- scan paths
 
@@ -52,39 +51,79 @@ def path_ranks(path: str, grid_h: int, grid_w: int) -> np.ndarray:
     return grid_h * grid_w - 1 - rank if path.endswith("_rev") else rank
 
 
-def scan_order(path: str, grid_h: int, grid_w: int, positions: jax.Array | None = None) -> Order:
-    """Indices that list a block's tokens in the order in which ``path`` visits them.
-
-    ``positions``: ``None`` for the full row-major sequence, else the ``[B, K]`` ascending
-    row-major grid positions of the kept tokens of a route. Returns ``None`` when the tokens
-    are already in path order, a static ``[N]`` permutation for the full sequence, or a
-    per-sample ``[B, K]`` permutation for a kept subset.
-    """
-    rank = path_ranks(path, grid_h, grid_w)
-    if positions is None:
-        order = np.argsort(rank)
-        return None if np.array_equal(order, np.arange(order.size)) else order
-    if path == "row":  # kept indices are ascending (keep_order=True): already in path order
-        return None
-    return jnp.argsort(jnp.asarray(rank)[positions], axis=-1).astype(jnp.int32)
-
-
-def to_path(x: jax.Array, order: Order) -> jax.Array:
-    """``[B, K, D]`` tokens rearranged into path order."""
-    if order is None:
-        return x
-    if isinstance(order, np.ndarray):
-        return x[:, order]
+@jax.custom_vjp
+def _permute(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[b, order[b]]`` for a per-sample permutation whose inverse is ``inverse``."""
     return routing.gather_tokens(x, order)
 
 
-def from_path(y: jax.Array, order: Order) -> jax.Array:
-    """Inverse of :func:`to_path`."""
-    if order is None:
+def _permute_forward(x, order, inverse):
+    return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_backward(residuals, g):
+    # The cotangent of a permutation is the inverse permutation, again a gather: autodiff of
+    # the gather would scatter-add instead, which XLA:CPU runs one index at a time.
+    order, inverse = residuals
+    return routing.gather_tokens(g, inverse), None, None
+
+
+_permute.defvjp(_permute_forward, _permute_backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOrder:
+    """How a block rearranges its tokens into the order in which its path visits them.
+
+    First a column path transposes the grid (``grid``, the full row-major sequence) or permutes
+    each sample's kept tokens (``order`` ``[B, K]`` and its ``inverse``, a route's ascending
+    row-major subset); then a reversed path flips the sequence. Transposes and flips are
+    layout operations that XLA fuses, where a gather with constant indices would not be.
+    """
+
+    reverse: bool = False
+    grid: tuple[int, int] | None = None
+    order: jax.Array | None = None
+    inverse: jax.Array | None = None
+
+    def to_path(self, x: jax.Array) -> jax.Array:
+        """``[B, K, D]`` tokens (row-major) rearranged into path order."""
+        if self.grid is not None:
+            grid_h, grid_w = self.grid
+            x = x.reshape(x.shape[0], grid_h, grid_w, -1).swapaxes(1, 2).reshape(x.shape)
+        if self.order is not None:
+            x = _permute(x, self.order, self.inverse)
+        return jnp.flip(x, axis=1) if self.reverse else x
+
+    def from_path(self, y: jax.Array) -> jax.Array:
+        """Inverse of :meth:`to_path`."""
+        if self.reverse:
+            y = jnp.flip(y, axis=1)
+        if self.order is not None:
+            y = _permute(y, self.inverse, self.order)
+        if self.grid is not None:
+            grid_h, grid_w = self.grid
+            y = y.reshape(y.shape[0], grid_w, grid_h, -1).swapaxes(1, 2).reshape(y.shape)
         return y
-    if isinstance(order, np.ndarray):
-        return y[:, np.argsort(order)]
-    return routing.gather_tokens(y, jnp.argsort(order, axis=-1))
+
+
+def scan_order(path: str, grid_h: int, grid_w: int, positions: jax.Array | None = None) -> ScanOrder:
+    """The rearrangement of a block's tokens into the order in which ``path`` visits them.
+
+    ``positions``: ``None`` for the full row-major sequence, else the ``[B, K]`` ascending
+    row-major grid positions of the kept tokens of a route (``keep_order=True``): a row path
+    already visits them in that order, a column path needs a per-sample sort.
+    """
+    if path not in SCAN_PATHS:
+        raise ValueError(f"unknown scan path {path!r}; expected one of {SCAN_PATHS}")
+    reverse = path.endswith("_rev")
+    if path.startswith("row"):
+        return ScanOrder(reverse)
+    if positions is None:
+        return ScanOrder(reverse, grid=(grid_h, grid_w))
+    column_rank = jnp.asarray(path_ranks("col", grid_h, grid_w))
+    order = jnp.argsort(column_rank[positions], axis=-1).astype(jnp.int32)
+    return ScanOrder(reverse, order=order, inverse=jnp.argsort(order, axis=-1).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- the mixer
@@ -189,10 +228,10 @@ class SSMBlock(nnx.Module):
             self.fc1 = dense(hidden_size, int(hidden_size * mlp_ratio), rngs=rngs)
             self.fc2 = dense(int(hidden_size * mlp_ratio), hidden_size, rngs=rngs)
 
-    def __call__(self, x: jax.Array, c: jax.Array, order: Order) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, order: ScanOrder) -> jax.Array:
         mods = jnp.split(self.ada(jax.nn.silu(c)), self.num_mods, axis=-1)
         h = modulate(layer_norm(x), mods[0], mods[1])
-        x = x + mods[2][:, None] * from_path(self.mixer(to_path(h, order)), order)
+        x = x + mods[2][:, None] * order.from_path(self.mixer(order.to_path(h)))
         if self.num_mods == 6:
             h = modulate(layer_norm(x), mods[3], mods[4])
             x = x + mods[5][:, None] * self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
