@@ -83,8 +83,8 @@ def make_train_step(
 ) -> TrainStep:
     """``step(state, batch) -> (state, metrics)``, pure, for ``jax.jit``.
 
-    The metrics record the first step whose loss, gradient or new state (parameters, EMA,
-    optimizer moments) is not finite, so that the loop never saves such a state.
+    The metrics record the first step whose loss, gradient or new state is not finite, so that
+    the loop never saves such a state.
 
     With ``config.repa.enabled`` the loss adds REPA's alignment of the model's projected tokens
     after block ``config.repa.depth`` (the kept ones under routing, at their original
@@ -160,8 +160,11 @@ def make_train_step(
             grad_norm=optax.tree.norm(grads),
             learning_rate=schedule(state.step),
             step=state.step + 1,
-            # A finite loss and gradient can still overflow the update: check what would be saved.
-            state_finite=all_finite((new_state.params, new_state.ema_params, new_state.opt_state)),
+            # A finite loss and gradient can still overflow the update (a huge learning rate), so
+            # the new parameters are checked. AdamW's moments are finite when the gradient norm
+            # is (no squared gradient overflowed), and the EMA averages checked parameters, so
+            # checking those too (2.5 ms of a 50 ms digits step) would find nothing more.
+            state_finite=all_finite(new_state.params),
         )
         return new_state, step_metrics
 
