@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, routing, train, train_state
 from tread_jax.sampler import Sampler
-from tread_jax.train_step import all_finite, make_train_step
+from tread_jax.train_step import checked_grad_norm, make_train_step
 
 tl.enable_compilation_cache()
 
@@ -251,12 +252,19 @@ def test_sampling_needs_only_the_workdir(data_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
-def test_all_finite_sees_any_non_finite_element(bad):
-    tree = {"w": np.ones((3, 4), np.float32), "count": np.int32(7), "b": {"x": np.zeros(5, np.float32)}}
-    if bad is not None:
-        tree["b"]["x"][2] = bad
-    assert bool(jax.jit(all_finite)(tree)) == (bad is None)
+@pytest.mark.parametrize("where", ["params", "grads", None])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_checked_grad_norm_is_the_norm_or_sees_any_non_finite_element(bad, where):
+    rng = np.random.default_rng(0)
+    grads = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": {"x": rng.normal(size=5).astype(np.float32)}}
+    params = jax.tree.map(lambda g: g + 1.0, grads)
+    if where is not None:
+        {"params": params, "grads": grads}[where]["b"]["x"][2] = bad
+    norm = jax.jit(checked_grad_norm)(grads, params)
+    if where is None:
+        np.testing.assert_allclose(norm, optax.tree.norm(grads), rtol=1e-6)
+    else:
+        assert not np.isfinite(norm)
 
 
 def test_the_ddpm_objective_trains_and_samples_through_the_trainer(data_dir, tmp_path):

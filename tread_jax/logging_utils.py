@@ -26,8 +26,9 @@ NO_BAD_STEP = np.iinfo(np.int32).max
 
 @flax.struct.dataclass
 class FirstNonFinite(metrics.Metric):
-    """The earliest step whose loss, gradient norm or new state (``state_finite``) was not
-    finite (``NO_BAD_STEP`` if none).
+    """The earliest step whose loss or gradient norm was not finite (``NO_BAD_STEP`` if none); the
+    train step's gradient norm is also non-finite when the new parameters are
+    (``train_step.checked_grad_norm``).
 
     Aggregated on device like the averages, so detecting a divergence costs no host sync
     until the trainer looks at it (log and checkpoint steps).
@@ -36,9 +37,8 @@ class FirstNonFinite(metrics.Metric):
     step: jax.Array
 
     @classmethod
-    def from_model_output(cls, *, step: jax.Array, loss: jax.Array, grad_norm: jax.Array,
-                          state_finite: jax.Array = True, **_):
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
+    def from_model_output(cls, *, step: jax.Array, loss: jax.Array, grad_norm: jax.Array, **_):
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         return cls(step=jnp.where(finite, NO_BAD_STEP, step).astype(jnp.int32))
 
     @classmethod
