@@ -193,7 +193,10 @@ def test_ssm_scan():
     row = re.search(r"^\| 16 \| (\S+) \| (\S+) \| (\S+) \|$", out, re.MULTILINE)
     associative, sequential, ratio = map(float, row.groups())
     assert _positive(associative, sequential, ratio)
-    assert ratio == pytest.approx(sequential / associative, rel=0.05)  # table rounds to 0.01
+    # The table rounds each figure to 0.01 (ms and ratio): the ratio lies within what the
+    # rounded times allow, which at these sub-millisecond times is a wide interval.
+    half = 0.005
+    assert (sequential - half) / (associative + half) - half <= ratio <= (sequential + half) / (associative - half) + half
 
 
 def test_estimate_matches_a_hand_count():
