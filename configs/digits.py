@@ -6,9 +6,10 @@ Command (from the repository root):
 
 Hardware: a 2-core CPU (any CPU, GPU or TPU runs it; the figures below are from the CPU).
 
-Expected result (2-core CPU, 2026-11-30): 2000 steps; otherwise idle, 13.8-21.1 steps/s per
-100-step window, training loop 1m40s, whole command 2m25s (the report 33 s, with a progress bar
-and ETA); shared with other jobs, 7.4-10.3 steps/s, loop 4m21s, whole command 6m20s. Quality report (EMA weights; three draws of 1501 samples, one per
+Expected result (2-core CPU, 2026-11-30): 2000 steps; otherwise idle, 26.8-30.2 steps/s per
+100-step window, training loop 1m13s, whole command 2m02s (the report 33 s, with a progress bar
+and ETA); before the host allocator settings (tread_jax/host_allocator.py), 13.8-21.1 steps/s
+and 2m25s idle, 7.4-10.3 steps/s and 6m20s shared with other jobs. Quality report (EMA weights; three draws of 1501 samples, one per
 training digit with its label, the noise of sample i keyed by (seed + 1 + draw, i); Heun 18
 steps, guidance 1; samples clipped to [-1, 1] as saved images are): accuracy 0.970 (bar >=
 0.95: met), Frechet distance 1.442 against the real train-vs-test floor of 1.000, ratio 1.442
