@@ -27,9 +27,10 @@ print(json.dumps({name: os.environ.get(name) for name in host_allocator.SETTINGS
 """
 
 # A jitted program whose temporary buffer holds 64 MB (a scan's stacked outputs), as a train
-# step's does; prints the minor page faults per call once it is compiled and warm.
+# step's does; prints the median minor page faults per call once it is compiled (the heap
+# still grows into fresh pages on an occasional call).
 _FAULTS = """
-import resource
+import resource, statistics
 import jax, jax.numpy as jnp
 from tread_jax import host_allocator
 host_allocator.reexec_with_reusable_heap()
@@ -40,12 +41,13 @@ def program(x):
     return (ys * ys).sum(0) + ys.max(0)
 
 x = jnp.ones((1024, 256))
-for _ in range(3):
+jax.block_until_ready(program(x))
+faults = []
+for _ in range(15):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(program(x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    jax.block_until_ready(program(x))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults))
 """
 
 
@@ -73,5 +75,5 @@ def test_leaves_a_users_allocator_and_accelerator_hosts_alone(env):
 def test_a_step_sized_temporary_buffer_is_reused_instead_of_faulted_in_again():
     pages = 64 * 2**20 // 4096
     faults_per_call = float(_run(_FAULTS))
-    # Without the settings every call faults the 64 MB in again (about 16K faults here).
-    assert faults_per_call < pages / 4, f"{faults_per_call:.0f} page faults per call, buffer {pages} pages"
+    # Without the settings every call faults its buffers in again (about 50K faults here).
+    assert faults_per_call < pages / 4, f"median {faults_per_call:.0f} page faults per call, buffer {pages} pages"
