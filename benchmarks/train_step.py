@@ -218,7 +218,6 @@ def main(argv: list[str]) -> None:
     }
     if extra:
         encoder_s = statistics.median(times["encoder"])
-        step_macs = 3 * dit_forward_macs(abstract, FLAGS.input_size, FLAGS.input_size, route)
         summary["repa"] = {
             "encoder": FLAGS.repa_encoder,
             "encoder_overrides": FLAGS.repa_encoder_overrides,
@@ -227,9 +226,9 @@ def main(argv: list[str]) -> None:
             "encoder_s_median": encoder_s,
             "encoder_s_all": times["encoder"],
             "overhead_measured": time_ratio - 1,
-            "overhead_analytic": extra.macs.total / step_macs,
+            "overhead_analytic": flop_ratio - 1,
             "encoder_share_measured": encoder_s / results["repa"]["step_s_median"],
-            "encoder_share_analytic": extra.macs.encoder / (step_macs + extra.macs.total),
+            "encoder_share_analytic": FLAGS.batch * extra.macs.encoder / 1e9 / results["repa"]["step_gmacs_analytic"],
         }
 
     print(
