@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from clu import metrics as clu_metrics
@@ -57,20 +56,20 @@ def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], 
     return latents.sample_latents(batch, key)
 
 
-def checked_grad_norm(grads: Any, new_params: Any) -> jax.Array:
-    """The global norm of ``grads``, made non-finite when any of ``new_params`` is not finite.
+def gradient_norm(grads: Any) -> tuple[jax.Array, Any]:
+    """The global norm of ``grads``, and ``grads`` tied to it by a data dependency.
 
-    A finite loss and gradient can still overflow the update (a huge learning rate), and the loop
-    must never save such a state. Checking the new parameters suffices: AdamW's moments are finite
-    when the gradient norm is (no squared gradient overflowed), and the EMA averages checked
-    parameters. ``p * 0`` is 0 for a finite ``p`` and NaN otherwise, so adding it to each leaf's
-    squared gradient checks the parameters inside the norm's own reductions, one per leaf: checking
-    the parameters, EMA and moments separately cost 2.5 ms of a 50 ms digits step, and the
-    gradient norm's reductions 1.5 ms more (benchmarks/README.md, routed_step.py).
+    The tie, ``g + 0 * norm`` (the same values while the norm is finite, NaN otherwise), orders the
+    optimizer update after the whole backward pass, which lets XLA write the new parameters into
+    the donated buffers of the old ones. Without it, no data dependency orders a parameter's
+    reads in the backward pass (``dx = dy @ W.T``, every kernel but the first layer's) before its
+    update, and XLA's copy insertion copies the parameter first: 53 copies per digits step, about
+    4% of its thread time on CPU (benchmarks/README.md, "The update in place"); on an accelerator
+    (not measured) they would also hold a second copy of the parameters. An
+    ``optimization_barrier`` does not help: the CPU backend removes it before copy insertion.
     """
-    per_leaf = jax.tree.map(lambda g, p: jnp.sum(jnp.square(g.astype(jnp.float32)) + p.astype(jnp.float32) * 0),
-                            grads, new_params)
-    return jnp.sqrt(sum(jax.tree.leaves(per_leaf)))
+    norm = optax.global_norm(grads)
+    return norm, jax.tree.map(lambda g: g + 0 * norm.astype(g.dtype), grads)
 
 
 def kept_token_loss(per_element: jax.Array, plan: routing.RoutePlan, patch_size: int, mae_coef: float) -> jax.Array:
@@ -89,8 +88,8 @@ def make_train_step(
 ) -> TrainStep:
     """``step(state, batch) -> (state, metrics)``, pure, for ``jax.jit``.
 
-    The metrics record the first step whose loss, gradient or new state is not finite, so that
-    the loop never saves such a state.
+    The metrics record the first step whose loss or gradient is not finite; the loop checks the
+    state itself before saving it (``train_state.is_finite``).
 
     With ``config.repa.enabled`` the loss adds REPA's alignment of the model's projected tokens
     after block ``config.repa.depth`` (the kept ones under routing, at their original
@@ -153,6 +152,7 @@ def make_train_step(
 
         # ``losses``: what the metrics report (the denoising loss, and REPA's alignment loss).
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm, grads = gradient_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
@@ -163,7 +163,7 @@ def make_train_step(
         )
         step_metrics = metrics_cls.single_from_model_output(
             **losses,
-            grad_norm=checked_grad_norm(grads, new_state.params),
+            grad_norm=grad_norm,
             learning_rate=schedule(state.step),
             step=state.step + 1,
         )
