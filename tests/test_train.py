@@ -20,7 +20,7 @@ import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, routing, train, train_state
 from tread_jax.sampler import Sampler
 from tread_jax import sharding, train_step
-from tread_jax.train_step import gradient_norm, make_train_step
+from tread_jax.train_step import after, make_train_step
 
 tl.enable_compilation_cache()
 
@@ -254,19 +254,15 @@ def test_sampling_needs_only_the_workdir(data_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
-def test_gradient_norm_is_the_norm_and_leaves_the_gradients_unchanged_unless_non_finite(bad):
+@pytest.mark.parametrize("scalar", [2.5, np.inf, -np.inf, np.nan])
+def test_after_keeps_the_values_unless_the_scalar_is_not_finite(scalar):
     rng = np.random.default_rng(0)
-    grads = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": {"x": rng.normal(size=5).astype(np.float32)}}
-    if bad is not None:
-        grads["b"]["x"][2] = bad
-    norm, tied = jax.jit(gradient_norm)(grads)
-    if bad is None:
-        np.testing.assert_allclose(norm, optax.tree.norm(grads), rtol=1e-6)
-        jax.tree.map(np.testing.assert_array_equal, tied, grads)
+    tree = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": {"x": rng.normal(size=5).astype(np.float32)}}
+    tied = jax.jit(after)(tree, jnp.float32(scalar))
+    if np.isfinite(scalar):
+        jax.tree.map(np.testing.assert_array_equal, tied, tree)
     else:
-        assert not np.isfinite(norm)
-        assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(tied))  # a step never saved
+        assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(tied))
 
 
 @pytest.mark.parametrize("bad", [None, "params", "ema", "moment"])
@@ -296,7 +292,7 @@ def _copied_state_matrices(hlo: str) -> list[str]:
 
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_the_train_call_updates_the_donated_state_in_place(data_dir, steps_per_call):
-    # Without ``gradient_norm``'s tie, XLA copies every kernel that the backward pass reads before
+    # Without ``train_step.after``'s tie, XLA copies every kernel that the backward pass reads before
     # the update overwrites its buffer (this model: 13 per call, with one step or two). Vectors and
     # scalars that only the reported loss or the step counter read may still be copied: they cost
     # nothing.

@@ -56,20 +56,22 @@ def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], 
     return latents.sample_latents(batch, key)
 
 
-def gradient_norm(grads: Any) -> tuple[jax.Array, Any]:
-    """The global norm of ``grads``, and ``grads`` tied to it by a data dependency.
+def after(tree: Any, scalar: jax.Array) -> Any:
+    """``tree`` tied to ``scalar`` by a data dependency: ``x + 0 * scalar`` for each leaf, the same
+    values while ``scalar`` is finite (NaN otherwise).
 
-    The tie, ``g + 0 * norm`` (the same values while the norm is finite, NaN otherwise), orders the
-    optimizer update after the whole backward pass, which lets XLA write the new parameters into
+    The train step writes the new parameters from the parameters tied to the gradient norm, which
+    orders the update after the whole backward pass and lets XLA write the new parameters into
     the donated buffers of the old ones. Without it, no data dependency orders a parameter's
     reads in the backward pass (``dx = dy @ W.T``, every kernel but the first layer's) before its
     update, and XLA's copy insertion copies the parameter first: 53 copies per digits step, about
     4% of its thread time on CPU (benchmarks/README.md, "The update in place"); on an accelerator
     (not measured) they would also hold a second copy of the parameters. An
     ``optimization_barrier`` does not help: the CPU backend removes it before copy insertion.
+    Tying the parameters rather than the gradients leaves the optimizer's arithmetic as it was
+    (tied gradients change how XLA fuses the moment updates, and the last bits of the result).
     """
-    norm = optax.global_norm(grads)
-    return norm, jax.tree.map(lambda g: g + 0 * norm.astype(g.dtype), grads)
+    return jax.tree.map(lambda x: x + 0 * scalar.astype(x.dtype), tree)
 
 
 def kept_token_loss(per_element: jax.Array, plan: routing.RoutePlan, patch_size: int, mae_coef: float) -> jax.Array:
@@ -152,9 +154,9 @@ def make_train_step(
 
         # ``losses``: what the metrics report (the denoising loss, and REPA's alignment loss).
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm, grads = gradient_norm(grads)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(after(state.params, grad_norm), updates)  # in place: see ``after``
         new_state = state.replace(
             step=state.step + 1,
             params=params,
