@@ -20,7 +20,7 @@ import trainer_testlib as tl
 from tread_jax import data, diffusion, model_builder, routing, train, train_state
 from tread_jax.sampler import Sampler
 from tread_jax import sharding, train_step
-from tread_jax.train_step import after, make_train_step
+from tread_jax.train_step import after, gradient_norm, make_train_step
 
 tl.enable_compilation_cache()
 
@@ -252,6 +252,14 @@ def test_sampling_needs_only_the_workdir(data_dir, tmp_path, monkeypatch):
     images = Sampler.for_ema(config, ema, num_steps=2, name="workdir_only").sample(ema.params, np.arange(4), seed=1)
     assert ema.step == 2 and images.shape == (4, 8, 8, 1)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_gradient_norm_is_optax_global_norm():
+    rng = np.random.default_rng(0)
+    grads = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": {"x": -rng.normal(size=5).astype(np.float32)}}
+    np.testing.assert_allclose(jax.jit(gradient_norm)(grads), optax.global_norm(grads), rtol=1e-6)
+    grads["b"]["x"][1] = np.nan
+    assert np.isnan(gradient_norm(grads))
 
 
 @pytest.mark.parametrize("scalar", [2.5, np.inf, -np.inf, np.nan])
