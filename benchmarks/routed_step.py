@@ -8,8 +8,9 @@ over ``ModelBuilder``, as ``tread_jax.train`` jits it, state donated) and the st
 ``minimal_reference.py``, each dense and with ``configs/digits.py``'s route, from the same
 initial weights. After compiling, the timed repetitions alternate the programs (rotating the
 order) so that load from other processes hits all alike. Prints the steps/s medians, the
-trainer/reference time ratios, each program's routed/dense time ratio and the analytic FLOP
-ratio (``tread_jax.models.flops``), the issue's targets.
+trainer/reference time ratios (of the medians, and the median of the ratios within each
+repetition, whose programs ran back to back under the same load), each program's routed/dense
+time ratio and the analytic FLOP ratio (``tread_jax.models.flops``), the issue's targets.
 
 It runs under the trainer's allocator settings (``tread_jax.host_allocator``: it re-executes itself
 as the binaries do); ``host_allocator.py`` compares them with glibc's defaults.
@@ -99,11 +100,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             states[name] = jax.block_until_ready(state)
             times[name].append((time.perf_counter() - start) / args.steps)
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    paired = {kind: statistics.median(t / r for t, r in zip(times[f"trainer {kind}"], times[f"reference {kind}"]))
+              for kind in ("routed", "dense")}
     net, routes = model.abstract_model, routing.parse_routes(config.routes)
     return {
         "steps_per_s": {name: 1.0 / t for name, t in median.items()},
         "trainer/reference time, routed": median["trainer routed"] / median["reference routed"],
         "trainer/reference time, dense": median["trainer dense"] / median["reference dense"],
+        "trainer/reference, routed, paired": paired["routed"],
+        "trainer/reference, dense, paired": paired["dense"],
         "routed/dense time, trainer": median["trainer routed"] / median["trainer dense"],
         "routed/dense time, reference": median["reference routed"] / median["reference dense"],
         "routed/dense FLOPs": flops.dit_forward_macs(net, 8, 8, routes) / flops.dit_forward_macs(net, 8, 8),

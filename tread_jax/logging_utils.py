@@ -27,8 +27,7 @@ NO_BAD_STEP = np.iinfo(np.int32).max
 @flax.struct.dataclass
 class FirstNonFinite(metrics.Metric):
     """The earliest step whose loss or gradient norm was not finite (``NO_BAD_STEP`` if none); the
-    train step's gradient norm is also non-finite when the new parameters are
-    (``train_step.checked_grad_norm``).
+    loop also checks the state itself before saving it (``train_state.is_finite``).
 
     Aggregated on device like the averages, so detecting a divergence costs no host sync
     until the trainer looks at it (log and checkpoint steps).

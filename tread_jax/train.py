@@ -34,9 +34,13 @@ from tread_jax.sampler import Sampler
 from tread_jax.train_step import jit_train_call, metrics_type
 
 
-def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer) -> None:
-    """Stops on the first non-finite loss, gradient or state; such a state is never saved."""
+def _check_finite(computed: dict[str, np.ndarray], checkpointer: Checkpointer, step: int,
+                  state_finite: bool) -> None:
+    """Stops on the first non-finite loss or gradient, or on a non-finite state at ``step``
+    (``state_finite`` False: the state about to be saved); such a state is never saved."""
     bad_step = int(computed["first_nonfinite_step"])
+    if bad_step == NO_BAD_STEP and not state_finite:
+        bad_step = step
     if bad_step != NO_BAD_STEP:
         checkpointer.wait()
         last = checkpointer.manager.latest_step()
@@ -128,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         train_call = jit_train_call(config, model, objective, tx, routes, mesh, state_sharding)
         empty_metrics = jax.jit(metrics_type(config).empty, out_shardings=sharding.replicated(mesh))
+        state_is_finite = jax.jit(train_state.is_finite, out_shardings=sharding.replicated(mesh))
         sample_cfg = config.sample
         grid_labels = np.repeat(sample_cfg.get("classes", None) or np.arange(info.num_classes), sample_cfg.per_class)
         grid_sampler = None
@@ -181,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             save_now = done % config.checkpoint_every == 0 or done == total or stopping
             if log_now or save_now:
                 computed = {k: runtime.to_host(v) for k, v in metrics.compute().items()}
-                _check_finite(computed, checkpointer)
+                _check_finite(computed, checkpointer, done,
+                              state_finite=not save_now or bool(runtime.to_host(state_is_finite(state))))
             if log_now:
                 steps_per_s = throughput.update(done)
                 last_scalars = {

@@ -67,6 +67,16 @@ def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainStat
     )
 
 
+def is_finite(state: Any) -> jax.Array:
+    """True (a boolean scalar) when every floating-point leaf of ``state`` is finite.
+
+    The loop checks a state before saving it: a finite loss and gradient can still overflow the
+    update (a huge learning rate), and such a state must never become a checkpoint.
+    """
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
     """``ema <- decay * ema + (1 - decay) * params``, leaf by leaf."""
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)

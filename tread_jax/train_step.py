@@ -57,20 +57,32 @@ def model_input(config: ml_collections.ConfigDict, batch: dict[str, jax.Array], 
     return latents.sample_latents(batch, key)
 
 
-def checked_grad_norm(grads: Any, new_params: Any) -> jax.Array:
-    """The global norm of ``grads``, made non-finite when any of ``new_params`` is not finite.
+def gradient_norm(grads: Any) -> jax.Array:
+    """The global L2 norm of ``grads`` (``optax.global_norm``'s value), as a sum of ``|g| * |g|``.
 
-    A finite loss and gradient can still overflow the update (a huge learning rate), and the loop
-    must never save such a state. Checking the new parameters suffices: AdamW's moments are finite
-    when the gradient norm is (no squared gradient overflowed), and the EMA averages checked
-    parameters. ``p * 0`` is 0 for a finite ``p`` and NaN otherwise, so adding it to each leaf's
-    squared gradient checks the parameters inside the norm's own reductions, one per leaf: checking
-    the parameters, EMA and moments separately cost 2.5 ms of a 50 ms digits step, and the
-    gradient norm's reductions 1.5 ms more (benchmarks/README.md, routed_step.py).
+    Written with ``g * g``, XLA shares that product with AdamW's second moment and makes it a
+    kernel of its own, one more pass over every gradient (about 1.5% of the digits step on CPU;
+    benchmarks/README.md, "The update in place").
     """
-    per_leaf = jax.tree.map(lambda g, p: jnp.sum(jnp.square(g.astype(jnp.float32)) + p.astype(jnp.float32) * 0),
-                            grads, new_params)
-    return jnp.sqrt(sum(jax.tree.leaves(per_leaf)))
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(g) * jnp.abs(g)) for g in jax.tree.leaves(grads)))
+
+
+def after(tree: Any, scalar: jax.Array) -> Any:
+    """``tree`` tied to ``scalar`` by a data dependency: ``x + 0 * scalar`` for each leaf, the same
+    values while ``scalar`` is finite (NaN otherwise).
+
+    The train step writes the new parameters from the parameters tied to the gradient norm, which
+    orders the update after the whole backward pass and lets XLA write the new parameters into
+    the donated buffers of the old ones. Without it, no data dependency orders a parameter's
+    reads in the backward pass (``dx = dy @ W.T``, every kernel but the first layer's) before its
+    update, and XLA's copy insertion copies the parameter first: 53 copies per digits step, about
+    4% of its thread time on CPU (benchmarks/README.md, "The update in place"); on an accelerator
+    (not measured) they would also hold a second copy of the parameters. An
+    ``optimization_barrier`` does not help: the CPU backend removes it before copy insertion.
+    Tying the parameters rather than the gradients leaves the optimizer's arithmetic as it was
+    (tied gradients change how XLA fuses the moment updates, and the last bits of the result).
+    """
+    return jax.tree.map(lambda x: x + 0 * scalar.astype(x.dtype), tree)
 
 
 def kept_token_loss(per_element: jax.Array, plan: routing.RoutePlan, patch_size: int, mae_coef: float) -> jax.Array:
@@ -89,8 +101,8 @@ def make_train_step(
 ) -> TrainStep:
     """``step(state, batch) -> (state, metrics)``, pure, for ``jax.jit``.
 
-    The metrics record the first step whose loss, gradient or new state is not finite, so that
-    the loop never saves such a state.
+    The metrics record the first step whose loss or gradient is not finite; the loop checks the
+    state itself before saving it (``train_state.is_finite``).
 
     With ``config.repa.enabled`` the loss adds REPA's alignment of the model's projected tokens
     after block ``config.repa.depth`` (the kept ones under routing, at their original
@@ -153,8 +165,9 @@ def make_train_step(
 
         # ``losses``: what the metrics report (the denoising loss, and REPA's alignment loss).
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = gradient_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(after(state.params, grad_norm), updates)  # in place: see ``after``
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -163,7 +176,7 @@ def make_train_step(
         )
         step_metrics = metrics_cls.single_from_model_output(
             **losses,
-            grad_norm=checked_grad_norm(grads, new_state.params),
+            grad_norm=grad_norm,
             learning_rate=schedule(state.step),
             step=state.step + 1,
         )
