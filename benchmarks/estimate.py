@@ -3,8 +3,11 @@
 An estimate, not a measurement: time = FLOPs / (chips x peak x MFU). Training counts three
 forward passes per image (forward, and a backward of about twice its cost) with the config's
 routes applied, plus REPA's encoder forward, projector and loss when ``config.repa`` is enabled
-(``flops.repa_macs``, printed on their own line with their share of the step); FID-50K sampling counts the dense forward passes of the Heun sampler (2N - 1
-per image for N steps, twice that with classifier-free guidance). The MFU is an input: measure
+(``flops.repa_macs``, printed on their own line with their share of the step). FID-50K sampling
+counts the dense forward passes of the config's sampler (``Objective.network_evaluations``:
+EDM's Heun 2N - 1 for N steps, flow's Euler N or Heun 2N, DDPM's N) at the config's
+``eval.num_steps``, twice that with guidance (``eval.guidance`` other than 1; an upper bound
+for a guidance interval, and for sparse and path-drop guidance, whose weak branch is cheaper). The MFU is an input: measure
 it on the target device with ``benchmarks/train_step.py`` and pass it here. Peaks are the
 vendors' dense bfloat16 figures; prices are on-demand list prices per chip-hour that were not
 checked against current price lists (pass ``--usd_per_chip_hour`` with yours).
@@ -22,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from tread_jax import models, routing
+from tread_jax import diffusion, evaluation, models, routing
 from tread_jax.data import latents
 from tread_jax.diffusion import repa
 from tread_jax.models.flops import dit_forward_macs, repa_macs
@@ -39,8 +42,9 @@ CHIPS = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config (file[:variant])")
 _MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation to assume (measure it first)")
 _FID_SAMPLES = flags.DEFINE_integer("fid_samples", 50_000, "samples for the FID evaluation")
-_FID_STEPS = flags.DEFINE_integer("fid_steps", 40, "Heun sampler steps for the FID samples")
-_GUIDED = flags.DEFINE_bool("guided", False, "FID samples with classifier-free guidance")
+_FID_STEPS = flags.DEFINE_integer("fid_steps", None, "sampler steps for the FID samples (default: the config's "
+                                   "eval.num_steps)")
+_GUIDED = flags.DEFINE_bool("guided", None, "FID samples with guidance (default: the config's eval.guidance != 1)")
 _PRICES = flags.DEFINE_list("usd_per_chip_hour", [], "overrides, e.g. tpu-v4=3.0,h100=2.5")
 
 
@@ -79,14 +83,19 @@ def main(argv: list[str]) -> None:
                           model.num_tokens(size, size), routes)
         step_macs += extra.total
     train_flops = 2 * step_macs * images
-    evaluations = (2 * _FID_STEPS.value - 1) * (2 if _GUIDED.value else 1)
+    settings = evaluation.settings_from_config(config, num_classes=1000)
+    fid_steps = _FID_STEPS.value or settings.num_steps
+    guided = _GUIDED.value if _GUIDED.value is not None else settings.guidance_scale != 1.0
+    objective = diffusion.create_objective(config.diffusion)
+    evaluations = objective.network_evaluations(fid_steps) * (2 if guided else 1)
     fid_flops = 2 * dense * evaluations * _FID_SAMPLES.value
 
     print(f"{config.model.name}, {size}x{size} latents, routes {routes}, batch {config.global_batch_size}, "
           f"{config.num_train_steps:,} steps")
     print(f"forward GMACs per image: {routed / 1e9:.2f} routed, {dense / 1e9:.2f} dense "
           f"(ratio {routed / dense:.3f}); training {train_flops:.3g} FLOP; FID-{_FID_SAMPLES.value // 1000}K "
-          f"sampling {fid_flops:.3g} FLOP ({evaluations} evaluations per image)")
+          f"sampling {fid_flops:.3g} FLOP ({evaluations} evaluations per image: {config.diffusion.name}, "
+          f"{fid_steps} steps{', guided' if guided else ''})")
     if extra is not None:
         print(f"REPA per image: encoder {extra.encoder / 1e9:.2f} GMACs (forward), projector and loss "
               f"{(extra.projector + extra.loss) / 1e9:.2f} GMACs (forward + backward): {extra.total / step_macs:.1%} "

@@ -33,8 +33,8 @@ class; DiT draws labels uniformly at random), so expect the figures within the u
 FID-50K between seeds (a few hundredths), not bit-equal samples.
 
 Cost (estimate, not a measurement), from ``python benchmarks/estimate.py
---config=configs/dit_xl2_pretrained.py:256_cfg1.5 --guided --fid_steps=125 --mfu=0.4`` (its Heun
-count 2N-1 = 249 evaluations per image stands for DDPM's 250; ``--guided`` doubles them): FID-50K
+--config=configs/dit_xl2_pretrained.py:256_cfg1.5 --mfu=0.4`` (DDPM's 250 evaluations per image,
+doubled by the guidance; ``--noguided`` for the run without): FID-50K
 with guidance at 256 is 5.9e18 FLOP, 0.52 h on 8 H100s, so about 4.2 hours on one H100 at an
 assumed 40% of its dense bfloat16 peak (this config samples in float32: budget more); without
 guidance 2.1 hours. At 512 (524.5 against 118.6 GMACs per evaluation): about 18 hours with

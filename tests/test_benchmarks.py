@@ -210,6 +210,15 @@ def test_estimate_matches_a_hand_count():
     hours = train_flop / (8 * 989e12 * 0.5) / 3600
     assert float(row[3]) == pytest.approx(hours, abs=0.05)
     assert abs(int(row[5]) - hours * 8 * 2.0) <= 1  # chip-hours x the price passed
+    assert "(79 evaluations per image: edm, 40 steps)" in out  # Heun: 2N - 1
+
+
+def test_estimate_counts_the_configs_sampler_and_guidance():
+    # DiT's DDPM sampler: one evaluation per step, doubled by the config's guidance 1.5.
+    out = _run("estimate.py", "--config=configs/dit_xl2_pretrained.py:256_cfg1.5")
+    assert "(500 evaluations per image: ddpm, 250 steps, guided)" in out
+    out = _run("estimate.py", "--config=configs/imagenet256.py:sit_b2_tread", "--fid_steps=100", "--guided")
+    assert "(200 evaluations per image: flow, 100 steps, guided)" in out  # Euler: N
 
 
 def test_estimate_counts_repa_on_its_own_line():

@@ -512,3 +512,24 @@ def test_routed_loss_matches_loop():
     np.testing.assert_allclose(float(diffusion.routed_loss(per_token, ())), arr.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="kept indices"):
         diffusion.routed_loss(per_token, (jnp.zeros((batch + 1, 4), jnp.int32),))
+
+
+@pytest.mark.parametrize("name, settings", [("edm", {}), ("flow", {"sampler": "euler"}), ("flow", {"sampler": "heun"}),
+                                            ("ddpm", {})])
+def test_network_evaluations_count_the_samplers_calls(name, settings):
+    # Without jit the samplers' fori_loops run as Python loops, so every network call is counted.
+    config = diffusion.default_config(name)
+    config.update(settings)
+    objective = diffusion.create_objective(config)
+    calls = []
+
+    def net(x, noise_labels, class_labels):
+        calls.append(noise_labels)
+        return jnp.zeros((*x.shape[:-1], objective.output_channels(x.shape[-1])))
+
+    for num_steps in (3, 5):
+        calls.clear()
+        with jax.disable_jit():
+            objective.sample(net, _noise(0, 2), _labels(2), num_steps=num_steps)
+        assert len(calls) == objective.network_evaluations(num_steps)
+    assert objective.network_evaluations() == objective.network_evaluations(objective.num_steps)

@@ -30,6 +30,10 @@ class Objective(Protocol):
     def loss(self, net: RawNet, x: jax.Array, class_labels: jax.Array, key: jax.Array) -> jax.Array:
         """Per-element weighted loss f32[B,H,W,C]; net is the raw network (routing bound by the caller)."""
 
+    def network_evaluations(self, num_steps: int | None = None) -> int:
+        """Network evaluations per sample that ``sample`` makes in ``num_steps`` steps (default:
+        the objective's), without guidance (classifier-free guidance doubles the batch)."""
+
     def sample(
         self,
         net: RawNet,

@@ -191,6 +191,10 @@ class DDPM:
         t = jax.random.randint(t_key, x.shape[:1], 0, self.num_timesteps)
         return self.loss_at(net, x, class_labels, t, jax.random.normal(noise_key, x.shape))
 
+    def network_evaluations(self, num_steps: int | None = None) -> int:
+        """Network evaluations per sample of ``sample``: one per respaced step."""
+        return self.num_steps if num_steps is None else num_steps
+
     def sample(
         self,
         net: RawNet,

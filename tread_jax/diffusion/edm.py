@@ -76,6 +76,10 @@ class EDM:
         steps = (hi + i / (num_steps - 1) * (lo - hi)) ** self.rho
         return np.append(steps, 0.0)
 
+    def network_evaluations(self, num_steps: int | None = None) -> int:
+        """Network evaluations per sample of ``sample`` (Heun with a final Euler step: 2N - 1)."""
+        return 2 * (self.num_steps if num_steps is None else num_steps) - 1
+
     def sample(
         self,
         net: RawNet,

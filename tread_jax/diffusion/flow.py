@@ -52,6 +52,10 @@ class Flow:
         z = (1.0 - t4) * x + t4 * eps
         return (self.velocity(net, z, t, class_labels) - (eps - x)) ** 2
 
+    def network_evaluations(self, num_steps: int | None = None) -> int:
+        """Network evaluations per sample of ``sample``: N for Euler, 2N for Heun."""
+        return (self.num_steps if num_steps is None else num_steps) * (1 if self.sampler == "euler" else 2)
+
     def sample(
         self,
         net: RawNet,
