@@ -3,7 +3,7 @@
 An estimate, not a measurement: time = FLOPs / (chips x peak x MFU). Training counts three
 forward passes per image (forward, and a backward of about twice its cost) with the config's
 routes applied, plus REPA's encoder forward, projector and loss when ``config.repa`` is enabled
-(``flops.repa_macs``, printed on their own line with their share of the step). FID-50K sampling
+(``repa.repa_macs``, printed on their own line with their share of the step). FID-50K sampling
 counts the dense forward passes of the config's sampler (``Objective.network_evaluations``:
 EDM's Heun 2N - 1 for N steps, flow's Euler N or Heun 2N, DDPM's N) at the config's
 ``eval.num_steps``, twice that with guidance (``eval.guidance`` other than 1; an upper bound
@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from tread_jax import diffusion, evaluation, models, routing
 from tread_jax.data import latents
 from tread_jax.diffusion import repa
-from tread_jax.models.flops import dit_forward_macs, repa_macs
+from tread_jax.models.flops import dit_forward_macs
 
 # name: (dense bfloat16 peak TFLOP/s per chip, assumed USD per chip-hour, chips per typical slice)
 CHIPS = {
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     step_macs = 3 * routed  # per image: forward and a backward of about twice its cost
     extra = None
     if repa.active_config(config) is not None:
-        extra = repa_macs(config.repa, model.hidden_size, model.depth, size * latents.DOWNSAMPLE,
+        extra = repa.repa_macs(config.repa, model.hidden_size, model.depth, size * latents.DOWNSAMPLE,
                           model.num_tokens(size, size), routes)
         step_macs += extra.total
     train_flops = 2 * step_macs * images

@@ -15,7 +15,7 @@ route, dtype; ``--route=dense`` for none), and each repetition also times the en
 alone (a DINOv2 of the named shape with random weights, in the compute dtype, on the batch's
 clean images of ``input_size x 8`` pixels, resized to the model's token grid): the measured
 share of REPA (time with / without - 1, encoder / step with REPA) beside the analytic one
-(``flops.repa_macs``).
+(``repa.repa_macs``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from tread_jax.data import latents
 from tread_jax.diffusion import repa
 from tread_jax.model_builder import ModelBuilder
 from tread_jax.models.dinov2 import DinoV2
-from tread_jax.models.flops import RepaMacs, dit_forward_macs, repa_macs
+from tread_jax.models.flops import dit_forward_macs
 from tread_jax.train_step import REPA_IMAGE_KEY, make_train_step
 
 FLAGS = flags.FLAGS
@@ -73,7 +73,7 @@ class Repa:
     config: ml_collections.ConfigDict
     encode: Any
     weights: Any
-    macs: RepaMacs
+    macs: repa.RepaMacs
 
 
 def repa_setup(setup: ModelSetup, routes: tuple[routing.Route, ...]) -> Repa:
@@ -90,7 +90,7 @@ def repa_setup(setup: ModelSetup, routes: tuple[routing.Route, ...]) -> Repa:
     model = DinoV2(encoder, image_size=section.encoder_image_size, compute_dtype=jnp.dtype(FLAGS.dtype),
                    rngs=nnx.Rngs(0))
     encode, weights = repa.pure_encoder(model)
-    macs = repa_macs(section, abstract.hidden_size, abstract.depth, FLAGS.input_size * latents.DOWNSAMPLE,
+    macs = repa.repa_macs(section, abstract.hidden_size, abstract.depth, FLAGS.input_size * latents.DOWNSAMPLE,
                      abstract.num_tokens(FLAGS.input_size, FLAGS.input_size), routes, encoder=encoder)
     return Repa(section, encode, weights, macs)
 

@@ -183,7 +183,7 @@ def test_encoder_features_are_repas_targets(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Analytic cost (tread_jax/models/flops.py), against counts written out by hand.
+# Analytic cost (tread_jax/models/flops.py, repa.repa_macs), against counts written out by hand.
 
 def _repa_config(encoder: str = "dinov2-vitb14", depth: int = 8):
     import ml_collections
@@ -221,7 +221,7 @@ def test_repa_macs_of_dit_xl2_by_hand():
     model = nnx.eval_shape(lambda: models.create_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000,
                                                        rngs=nnx.Rngs(0)))
     step = 3 * flops.dit_forward_macs(model, 32, 32)
-    dense = flops.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256)
+    dense = repa.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256)
     encoder = flops.dinov2_forward_macs(repa.encoder_config("dinov2-vitb14"), 224)
     resize = 3 * (224 * 256 * 256 + 224 * 224 * 256)  # rows, then columns, of 3 channels
     assert dense.encoder == encoder + resize
@@ -231,9 +231,9 @@ def test_repa_macs_of_dit_xl2_by_hand():
     assert dense.encoder / (step + dense.total) == pytest.approx(0.060, abs=0.001)
     assert dense.total / step == pytest.approx(0.083, abs=0.001)
     # Block 8 inside the route 2..24 at ratio 0.5: the projector sees the 128 kept tokens.
-    routed = flops.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256,
+    routed = repa.repa_macs(_repa_config(), model.hidden_size, model.depth, 256, 256,
                              (routing.Route(2, 24, 0.5),))
     assert routed.encoder == dense.encoder and 2 * routed.projector == dense.projector
-    outside = flops.repa_macs(_repa_config(depth=2), model.hidden_size, model.depth, 256, 256,
+    outside = repa.repa_macs(_repa_config(depth=2), model.hidden_size, model.depth, 256, 256,
                               (routing.Route(2, 24, 0.5),))
     assert outside.projector == dense.projector  # block 2 (1-based) is before the route

@@ -77,7 +77,7 @@ def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
                      f"({per_step['routed'] / per_step['dense']:.2f} x dense)")
         if model.repa is not None:
             abstract = model.abstract_model
-            extra = flops.repa_macs(model.repa, abstract.hidden_size, abstract.depth, height * latents.DOWNSAMPLE,
+            extra = repa.repa_macs(model.repa, abstract.hidden_size, abstract.depth, height * latents.DOWNSAMPLE,
                                     abstract.num_tokens(height, width), routes)
             lines.append(f"REPA FLOPs per step (encoder forward, projector and loss forward + backward): "
                          f"{_flops(2 * extra.total * config.global_batch_size)}, "

@@ -13,16 +13,18 @@ kept token with the encoder feature at its position. Outside every route all tok
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+from flax import nnx
+
+from tread_jax.models import flops
 
 from tread_jax.models.dinov2 import (
     CONFIG_FILE,
@@ -35,7 +37,7 @@ from tread_jax.models.dinov2 import (
     resize_bicubic,
 )
 from tread_jax.models.layers import dense
-from tread_jax.routing import RoutePlan, gather_tokens
+from tread_jax.routing import Route, RoutePlan, gather_tokens
 
 # REPA's defaults: projector width and loss weight (train.py --projector-dim, --proj-coeff).
 PROJECTOR_WIDTH = 2048
@@ -179,3 +181,42 @@ def pure_encoder(model: DinoV2) -> tuple[Callable[[Any, jax.Array], jax.Array], 
         return encoder_features(nnx.merge(graphdef, weights), images)
 
     return encode, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class RepaMacs:
+    """MACs REPA adds to one training image: ``encoder`` (the resize to its input size and its
+    forward, no backward: it runs without gradient), ``projector`` and ``loss`` (forward and
+    backward: three forwards, as the step's count). The backbone's backward from the alignment
+    term is not extra: it shares the denoising loss's backward pass."""
+
+    encoder: int
+    projector: int
+    loss: int
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.projector + self.loss
+
+
+def repa_macs(repa_config: ml_collections.ConfigDict, hidden_size: int, depth: int, image_size: int,
+              num_tokens: int, routes: Sequence[Route] = (), *,
+              encoder: DinoV2Config | None = None) -> RepaMacs:
+    """``RepaMacs`` per image for ``config.repa`` on a backbone of ``depth`` blocks of width
+    ``hidden_size`` and ``num_tokens`` tokens, with clean images of ``image_size`` pixels.
+
+    The projector sees the tokens block ``repa_config.depth`` holds (the kept ones inside a
+    route); the loss is counted as its three reductions per token (the dot product and two
+    squared norms) over the encoder's width. ``encoder``: the encoder's shape, when it is not
+    ``repa_config.encoder``'s (benchmarks of a reduced one).
+    """
+    encoder = encoder or encoder_config(repa_config.encoder)
+    size = repa_config.encoder_image_size
+    # resize_bicubic's two contractions over three channels, when the sizes differ.
+    resize = 3 * size * image_size * (image_size + size) if size != image_size else 0
+    aligned = flops.block_tokens(depth, num_tokens, routes)[repa_config.depth - 1]
+    layers = nnx.eval_shape(lambda: Projector(hidden_size, encoder.hidden_size, width=repa_config.projector_width,
+                                                   rngs=nnx.Rngs(0))).layers
+    projector = aligned * sum(layer.in_features * layer.out_features for layer in layers)
+    return RepaMacs(encoder=resize + flops.dinov2_forward_macs(encoder, size), projector=3 * projector,
+                    loss=3 * 3 * aligned * encoder.hidden_size)

@@ -1,4 +1,4 @@
-"""Analytic multiply-accumulate counts for DiT, dense and routed, and for REPA's extra work.
+"""Analytic multiply-accumulate counts for DiT, dense and routed, and for DINOv2.
 
 Counts the matrix multiplications (the MACs the DiT paper reports as "GFLOPs"); elementwise
 work, softmax and normalisation are left out, as in the paper. Per-block counts take the number
@@ -7,14 +7,9 @@ of tokens the block sees, so a routed forward costs what its kept tokens cost.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-import ml_collections
-from flax import nnx
-
 from tread_jax import routing
-from tread_jax.diffusion import repa
 from tread_jax.models.dinov2 import DinoV2Config
 from tread_jax.models.dit import DiT
 
@@ -84,42 +79,3 @@ def dinov2_forward_macs(config: DinoV2Config, image_size: int) -> int:
     patch = grid * grid * 3 * config.patch_size ** 2 * d
     mlp = 2 * d * int(d * config.mlp_ratio)
     return patch + config.num_hidden_layers * transformer_block_macs(n, d, mlp)
-
-
-@dataclasses.dataclass(frozen=True)
-class RepaMacs:
-    """MACs REPA adds to one training image: ``encoder`` (the resize to its input size and its
-    forward, no backward: it runs without gradient), ``projector`` and ``loss`` (forward and
-    backward: three forwards, as the step's count). The backbone's backward from the alignment
-    term is not extra: it shares the denoising loss's backward pass."""
-
-    encoder: int
-    projector: int
-    loss: int
-
-    @property
-    def total(self) -> int:
-        return self.encoder + self.projector + self.loss
-
-
-def repa_macs(repa_config: ml_collections.ConfigDict, hidden_size: int, depth: int, image_size: int,
-              num_tokens: int, routes: Sequence[routing.Route] = (), *,
-              encoder: DinoV2Config | None = None) -> RepaMacs:
-    """``RepaMacs`` per image for ``config.repa`` on a backbone of ``depth`` blocks of width
-    ``hidden_size`` and ``num_tokens`` tokens, with clean images of ``image_size`` pixels.
-
-    The projector sees the tokens block ``repa_config.depth`` holds (the kept ones inside a
-    route); the loss is counted as its three reductions per token (the dot product and two
-    squared norms) over the encoder's width. ``encoder``: the encoder's shape, when it is not
-    ``repa_config.encoder``'s (benchmarks of a reduced one).
-    """
-    encoder = encoder or repa.encoder_config(repa_config.encoder)
-    size = repa_config.encoder_image_size
-    # resize_bicubic's two contractions over three channels, when the sizes differ.
-    resize = 3 * size * image_size * (image_size + size) if size != image_size else 0
-    aligned = block_tokens(depth, num_tokens, routes)[repa_config.depth - 1]
-    layers = nnx.eval_shape(lambda: repa.Projector(hidden_size, encoder.hidden_size, width=repa_config.projector_width,
-                                                   rngs=nnx.Rngs(0))).layers
-    projector = aligned * sum(layer.in_features * layer.out_features for layer in layers)
-    return RepaMacs(encoder=resize + dinov2_forward_macs(encoder, size), projector=3 * projector,
-                    loss=3 * 3 * aligned * encoder.hidden_size)
