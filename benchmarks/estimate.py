@@ -7,9 +7,9 @@ routes applied, plus REPA's encoder forward, projector and loss when ``config.re
 counts the dense forward passes of the config's sampler (``Objective.network_evaluations``:
 EDM's Heun 2N - 1 for N steps, flow's Euler N or Heun 2N, DDPM's N) at the config's
 ``eval.num_steps``, twice that with guidance (``eval.guidance`` other than 1; an upper bound
-for a guidance interval, and for sparse and path-drop guidance, whose weak branch is cheaper). The MFU is an input: measure
-it on the target device with ``benchmarks/train_step.py`` and pass it here. Peaks are the
-vendors' dense bfloat16 figures; prices are on-demand list prices per chip-hour that were not
+for a guidance interval, and for sparse and path-drop guidance, whose weak branch is cheaper).
+The MFU is an input: measure it on the target device with ``benchmarks/train_step.py`` and pass
+it here. Peaks are the vendors' dense bfloat16 figures; prices are on-demand list prices per chip-hour that were not
 checked against current price lists (pass ``--usd_per_chip_hour`` with yours).
 
 The README's launch estimates:
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
     extra = None
     if repa.active_config(config) is not None:
         extra = repa.repa_macs(config.repa, model.hidden_size, model.depth, size * latents.DOWNSAMPLE,
-                          model.num_tokens(size, size), routes)
+                               model.num_tokens(size, size), routes)
         step_macs += extra.total
     train_flops = 2 * step_macs * images
     settings = evaluation.settings_from_config(config, num_classes=1000)

@@ -91,7 +91,7 @@ def repa_setup(setup: ModelSetup, routes: tuple[routing.Route, ...]) -> Repa:
                    rngs=nnx.Rngs(0))
     encode, weights = repa.pure_encoder(model)
     macs = repa.repa_macs(section, abstract.hidden_size, abstract.depth, FLAGS.input_size * latents.DOWNSAMPLE,
-                     abstract.num_tokens(FLAGS.input_size, FLAGS.input_size), routes, encoder=encoder)
+                          abstract.num_tokens(FLAGS.input_size, FLAGS.input_size), routes, encoder=encoder)
     return Repa(section, encode, weights, macs)
 
 

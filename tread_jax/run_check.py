@@ -78,7 +78,7 @@ def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         if model.repa is not None:
             abstract = model.abstract_model
             extra = repa.repa_macs(model.repa, abstract.hidden_size, abstract.depth, height * latents.DOWNSAMPLE,
-                                    abstract.num_tokens(height, width), routes)
+                                   abstract.num_tokens(height, width), routes)
             lines.append(f"REPA FLOPs per step (encoder forward, projector and loss forward + backward): "
                          f"{_flops(2 * extra.total * config.global_batch_size)}, "
                          f"+{extra.total / (per_step['routed'] / 2 / config.global_batch_size):.1%} over the routed step")

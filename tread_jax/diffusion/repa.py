@@ -25,7 +25,6 @@ import ml_collections
 from flax import nnx
 
 from tread_jax.models import flops
-
 from tread_jax.models.dinov2 import (
     CONFIG_FILE,
     DINOV2_REPOS,
@@ -216,7 +215,7 @@ def repa_macs(repa_config: ml_collections.ConfigDict, hidden_size: int, depth: i
     resize = 3 * size * image_size * (image_size + size) if size != image_size else 0
     aligned = flops.block_tokens(depth, num_tokens, routes)[repa_config.depth - 1]
     layers = nnx.eval_shape(lambda: Projector(hidden_size, encoder.hidden_size, width=repa_config.projector_width,
-                                                   rngs=nnx.Rngs(0))).layers
+                                              rngs=nnx.Rngs(0))).layers
     projector = aligned * sum(layer.in_features * layer.out_features for layer in layers)
     return RepaMacs(encoder=resize + flops.dinov2_forward_macs(encoder, size), projector=3 * projector,
                     loss=3 * 3 * aligned * encoder.hidden_size)
