@@ -9,8 +9,9 @@ EDM's Heun 2N - 1 for N steps, flow's Euler N or Heun 2N, DDPM's N) at the confi
 ``eval.num_steps``, twice that with guidance (``eval.guidance`` other than 1; an upper bound
 for a guidance interval, and for sparse and path-drop guidance, whose weak branch is cheaper).
 The MFU is an input: measure it on the target device with ``benchmarks/train_step.py`` and pass
-it here. Peaks are the vendors' dense bfloat16 figures; prices are on-demand list prices per chip-hour that were not
-checked against current price lists (pass ``--usd_per_chip_hour`` with yours).
+it here. Peaks are the vendors' dense bfloat16 figures; prices are on-demand list prices per
+chip-hour that were not checked against current price lists (pass ``--usd_per_chip_hour`` with
+yours).
 
 The README's launch estimates:
 
